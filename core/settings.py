@@ -1,0 +1,106 @@
+"""The one place that reads TINKERBELL_* environment variables (and the original sketch's aliases).
+
+Defaults run on a laptop. `Settings.from_env()` is cheap; call it where you need a value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, its environment variable, default and meaning (the README table is made from this)."""
+
+    broker_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"env": "TINKERBELL_BROKER_URL", "help": "Celery broker (Redis)."})
+    result_backend: str = field(default="", metadata={"env": "TINKERBELL_RESULT_BACKEND", "help": "Celery result backend; empty means the broker URL."})
+    redis_url: str = field(default="", metadata={"env": "TINKERBELL_REDIS_URL", "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL."})
+    data_dir: str = field(default=".data", metadata={"env": "TINKERBELL_DATA_DIR", "help": "Checkpoints and converted models; every worker must be able to read it."})
+    models_dir: str = field(default="", metadata={"env": "TINKERBELL_MODELS_DIR", "help": "Extra directory searched first for base models (<org>/<name> or <org>--<name>)."})
+    device: str = field(default="cpu", metadata={"env": "TINKERBELL_DEVICE", "help": "Worker device: cpu or cuda:N."})
+    worker_name: str = field(default="", metadata={"env": "TINKERBELL_WORKER_NAME", "help": "Worker name (queue worker.<name>); empty means derived from the device."})
+    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"env": "TINKERBELL_BASE_MODEL", "help": "Default base model."})
+    base_models: str = field(default="", metadata={"env": "TINKERBELL_BASE_MODELS", "help": "Comma-separated base models a worker loads at start; empty means the default one."})
+    host: str = field(default="127.0.0.1", metadata={"env": "TINKERBELL_HOST", "help": "API bind address."})
+    port: int = field(default=8000, metadata={"env": "TINKERBELL_PORT", "alias": "PORT", "help": "API port."})
+    public_url: str = field(default="", metadata={"env": "TINKERBELL_PUBLIC_URL", "help": "URL clients reach the API at (download links); empty means http://host:port."})
+    auth: bool = field(default=True, metadata={"env": "TINKERBELL_AUTH", "help": "API keys required. off: single-user mode, any tml- key is accepted."})
+    allow_custom_code: bool = field(default=False, metadata={"env": "TINKERBELL_ALLOW_CUSTOM_CODE", "help": "Allow uploading custom loss code (arbitrary code on workers) for keys with the custom_code scope."})
+    custom_loss_timeout_s: float = field(default=30.0, metadata={"env": "TINKERBELL_CUSTOM_LOSS_TIMEOUT_S", "help": "Time limit for one custom loss call."})
+    training_backend: str = field(default="hf", metadata={"env": "TINKERBELL_TRAINING_BACKEND", "help": "hf or megatron."})
+    sampling_backend: str = field(default="hf", metadata={"env": "TINKERBELL_SAMPLING_BACKEND", "help": "hf or vllm."})
+    use_megatron: bool = field(default=False, metadata={"env": "TINKERBELL_USE_MEGATRON", "alias": "USE_MEGATRON", "help": "Same as TINKERBELL_TRAINING_BACKEND=megatron."})
+    use_vllm: bool = field(default=False, metadata={"env": "TINKERBELL_USE_VLLM", "alias": "USE_VLLM", "help": "Same as TINKERBELL_SAMPLING_BACKEND=vllm."})
+    max_workers: int = field(default=1, metadata={"env": "TINKERBELL_MAX_WORKERS", "alias": "MAX_WORKERS", "help": "Workers the local stack starts when there is no GPU."})
+    poll_timeout_s: float = field(default=20.0, metadata={"env": "TINKERBELL_POLL_TIMEOUT_S", "help": "How long retrieve_future holds a pending poll before answering try_again."})
+    heartbeat_s: float = field(default=5.0, metadata={"env": "TINKERBELL_HEARTBEAT_S", "help": "Worker heartbeat period; a worker is dead after 3 missed beats."})
+    flower_port: int = field(default=5555, metadata={"env": "TINKERBELL_FLOWER_PORT", "help": "Flower dashboard port (local stack)."})
+    flower_user: str = field(default="admin", metadata={"env": "TINKERBELL_FLOWER_USER", "help": "Flower login."})
+    flower_password: str = field(default="tinkerbell", metadata={"env": "TINKERBELL_FLOWER_PASSWORD", "help": "Flower password."})
+    log_level: str = field(default="INFO", metadata={"env": "TINKERBELL_LOG_LEVEL", "help": "Log level of every component."})
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None and "alias" in f.metadata:
+                raw = env.get(f.metadata["alias"])
+            if raw is None:
+                continue
+            if f.type in ("bool", bool):
+                values[f.name] = _bool(raw)
+            elif f.type in ("int", int):
+                values[f.name] = int(raw)
+            elif f.type in ("float", float):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def registry_url(self) -> str:
+        return self.redis_url or self.broker_url
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+    @property
+    def training_backend_name(self) -> str:
+        return "megatron" if self.use_megatron else self.training_backend
+
+    @property
+    def sampling_backend_name(self) -> str:
+        return "vllm" if self.use_vllm else self.sampling_backend
+
+    @property
+    def worker_base_models(self) -> list[str]:
+        names = [m.strip() for m in self.base_models.split(",") if m.strip()]
+        return names or [self.base_model]
+
+    @property
+    def api_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, for the README."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        name = f"`{f.metadata['env']}`" + (f" (alias `{f.metadata['alias']}`)" if "alias" in f.metadata else "")
+        rows.append(f"| {name} | `{f.default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
