@@ -1,0 +1,64 @@
+"""The HTTP API: a Flask app factory plus one blueprint per face (native, Tinker) and one for operations.
+
+Thin by rule (DESIGN rule 1): authenticate, validate, publish a Celery task, answer. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from core.errors import NotFound, UserError
+from core.registry import Registry
+from core.settings import Settings
+
+log = logging.getLogger("tinkerbell.api")
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Flask:
+    from api.auth import authenticate
+    from api.native import bp as native_bp
+    from api.service import Service
+
+    settings = settings or Settings.from_env()
+    registry = registry or Registry(settings)
+    app = Flask(__name__)
+    app.config.update(SETTINGS=settings, REGISTRY=registry, SERVICE=Service(settings, registry))
+    app.json.sort_keys = False
+    app.before_request(_start_timer)
+    app.before_request(authenticate)
+    app.register_blueprint(native_bp)
+    for name in ("api.tinker", "api.ops", "api.custom_losses"):
+        try:
+            module = __import__(name, fromlist=["bp"])
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        app.register_blueprint(module.bp)
+
+    @app.errorhandler(UserError)
+    def user_error(exc: UserError):
+        return jsonify(error=str(exc), category="user"), 404 if isinstance(exc, NotFound) else 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = exc.description
+        if exc.code == 400 and "JSON" in (exc.description or "") or exc.code == 415:
+            message = "body: malformed JSON (send a JSON object with Content-Type: application/json)"
+            return jsonify(error=message, category="user"), 400
+        return jsonify(error=message, category="user"), exc.code
+
+    @app.errorhandler(Exception)
+    def server_error(exc: Exception):
+        log.exception("unhandled error on %s", request.path)
+        return jsonify(error=f"{type(exc).__name__}: {exc}", category="server"), 500
+
+    return app
+
+
+def _start_timer() -> None:
+    g.started = time.perf_counter()

@@ -1,0 +1,211 @@
+"""The operations both API faces (native and Tinker) share: validate, record in the registry, publish a task.
+
+One code path, two faces: the blueprints only translate their wire format into calls here.
+Never imports torch (DESIGN rule 1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, fields
+from typing import Any
+
+from backends.base import AdamSpec, LoraSpec, SamplingSpec
+from backends.models import is_known_model
+from core.errors import NotFound, UserError
+from core.registry import Registry
+from core.settings import Settings
+from tasks.celery_app import adapter_queue, app as celery_app, sample_queue, worker_queue
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
+
+
+def _spec(cls: type, values: dict[str, Any] | None, field_name: str) -> Any:
+    """Build a spec dataclass from request JSON, naming the field on bad values; unknown keys are ignored."""
+    values = values or {}
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known or value is None:
+            continue
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{field_name}: {exc}") from None
+
+
+def lora_spec(values: dict[str, Any] | None) -> LoraSpec:
+    spec = _spec(LoraSpec, values, "lora_config")
+    if not isinstance(spec.rank, int) or spec.rank <= 0 or spec.rank > 1024:
+        raise UserError(f"lora_config.rank: must be an integer in 1..1024, got {spec.rank!r}")
+    if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+        raise UserError("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")
+    return spec
+
+
+def adam_spec(values: dict[str, Any] | None) -> AdamSpec:
+    spec = _spec(AdamSpec, values, "adam_params")
+    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+        if not isinstance(getattr(spec, name), (int, float)):
+            raise UserError(f"adam_params.{name}: must be a number")
+    if not spec.learning_rate > 0:
+        raise UserError(f"adam_params.learning_rate: must be positive, got {spec.learning_rate}")
+    if not (0 <= spec.beta1 < 1 and 0 <= spec.beta2 < 1):
+        raise UserError("adam_params.beta1/beta2: must be in [0, 1)")
+    if spec.eps < 0 or spec.weight_decay < 0 or spec.grad_clip_norm < 0:
+        raise UserError("adam_params: eps, weight_decay and grad_clip_norm must not be negative")
+    return spec
+
+
+def sampling_spec(values: dict[str, Any] | None) -> SamplingSpec:
+    spec = _spec(SamplingSpec, values, "sampling_params")
+    if spec.max_tokens is None or int(spec.max_tokens) < 1:
+        raise UserError(f"sampling_params.max_tokens: must be at least 1, got {spec.max_tokens!r}")
+    if spec.temperature < 0:
+        raise UserError("sampling_params.temperature: must not be negative")
+    if not 0 < spec.top_p <= 1:
+        raise UserError("sampling_params.top_p: must be in (0, 1]")
+    stop = spec.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    return SamplingSpec(int(spec.max_tokens), float(spec.temperature), float(spec.top_p), int(spec.top_k), spec.seed, stop)
+
+
+class Service:
+    """Stateless operations over the registry and the broker; one per app."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+
+    # ---- publishing -----------------------------------------------------------------------
+    def publish(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> None:
+        """Send a task with a short, readable argument summary for Flower (never raw token arrays)."""
+        celery_app.send_task(task, kwargs=kwargs, task_id=request_id, queue=queue, kwargsrepr=json.dumps(summary), argsrepr="()")
+
+    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any]) -> str:
+        """Admit a request that touches an adapter; published in seq_id order, each seq_id once."""
+        self.registry.model(model_id, owner)
+        request_id = str(uuid.uuid4())
+        with self.registry.seq_lock(model_id):
+            answer_id, ready = self.registry.sequence(model_id, seq_id, request_id, {"task": task, "kwargs": kwargs, "request_id": request_id, "summary": summary})
+            if answer_id == request_id:
+                self.registry.record_future(request_id, owner, kind, model_id)
+            for item in ready:
+                item["kwargs"]["seq_id"] = item["seq_id"]
+                self.publish(item["task"], item["kwargs"], adapter_queue(model_id), item["request_id"], {**item["summary"], "seq_id": item["seq_id"]})
+        return answer_id
+
+    # ---- sessions and models --------------------------------------------------------------
+    def check_base_model(self, base_model: str | None) -> str:
+        base_model = base_model or self.settings.base_model
+        if not isinstance(base_model, str) or not is_known_model(base_model, self.settings):
+            raise UserError(f"base_model: unknown base model {base_model!r}; supported: {', '.join(self.supported_models())}")
+        return base_model
+
+    def supported_models(self) -> list[str]:
+        names = set(self.settings.worker_base_models) | {self.settings.base_model}
+        for worker in self.registry.live_workers():
+            names.update(worker.get("base_models", []))
+        return sorted(names)
+
+    def create_model(self, owner: str, session_id: str | None, model_seq_id: int | None, base_model: str | None, lora: dict[str, Any] | None, user_metadata: dict | None = None, load: dict[str, Any] | None = None) -> tuple[str, str]:
+        """Place a new adapter on a worker; returns (model_id, request_id). load: {"dir", "with_optimizer"} to restore."""
+        base_model = self.check_base_model(base_model)
+        spec = lora_spec(lora)
+        if session_id is None:
+            session_id = self.registry.create_session(owner, tags=["native"])
+        else:
+            self.registry.session(session_id, owner)
+        if model_seq_id is None:
+            model_seq_id = int(self.registry.redis.hincrby(f"tb:session:{session_id}:counters", "model_seq_id", 1)) - 1
+        model_id = f"{session_id}:train:{int(model_seq_id)}"
+        worker = self.registry.pick_worker(base_model)
+        if worker is None:
+            raise UserError("no live worker: start one with `python -m tasks.worker --device cpu` (or cuda:N)")
+        request_id = str(uuid.uuid4())
+        if not self.registry.create_model(model_id, owner, session_id, base_model, asdict(spec), worker, user_metadata):
+            raise UserError(f"model_seq_id: model {model_id} already exists in this session")
+        self.registry.record_future(request_id, owner, "create_model", model_id)
+        kwargs = {"model_id": model_id, "base_model": base_model, "lora": asdict(spec), "load_path": (load or {}).get("dir"), "with_optimizer": bool((load or {}).get("with_optimizer"))}
+        self.publish("tinkerbell.create_adapter", kwargs, worker_queue(worker), request_id, {"model_id": model_id, "base_model": base_model, "rank": spec.rank})
+        return model_id, request_id
+
+    def remove_model(self, owner: str, model_id: str) -> str:
+        return self.submit_ordered(owner, model_id, None, "tinkerbell.remove_adapter", {"model_id": model_id}, "remove_model", {"model_id": model_id})
+
+    # ---- training -------------------------------------------------------------------------
+    def forward_backward(self, owner: str, model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str, loss_fn_config: dict[str, Any], forward_only: bool) -> str:
+        """data: wire datums (core.wire.encode_datum), already validated for shape by the caller."""
+        if not data:
+            raise UserError("data: empty batch; send at least one datum")
+        if not isinstance(loss_fn, str) or not loss_fn:
+            raise UserError("loss_fn: must be a loss name")
+        if not self.registry.is_known_loss(loss_fn, owner):
+            raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
+        shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
+        kwargs = {"model_id": model_id, "data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config, "forward_only": forward_only}
+        kind = "forward" if forward_only else "forward_backward"
+        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only})
+
+    def optim_step(self, owner: str, model_id: str, seq_id: int | None, adam_params: dict[str, Any] | None) -> str:
+        spec = adam_spec(adam_params)
+        kwargs = {"model_id": model_id, "adam_params": asdict(spec)}
+        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.optim_step", kwargs, "optim_step", {"model_id": model_id, "lr": spec.learning_rate})
+
+    def save_state(self, owner: str, model_id: str, seq_id: int | None, name: str | None, kind: str, ttl_seconds: int | None = None, sampler_id: str | None = None) -> str:
+        if name is None:
+            name = f"{kind}-{int(time.time() * 1000)}"
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise UserError(f"path: checkpoint name {name!r} must be 1-128 of letters, digits, '.', '_' or '-'")
+        if ttl_seconds is not None and (not isinstance(ttl_seconds, int) or ttl_seconds <= 0):
+            raise UserError("ttl_seconds: must be a positive integer")
+        kwargs = {"model_id": model_id, "name": name, "kind": kind, "ttl_seconds": ttl_seconds, "sampler_id": sampler_id}
+        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.save_state", kwargs, f"save_{kind}", {"model_id": model_id, "name": name, "kind": kind})
+
+    def resolve_checkpoint(self, owner: str, path: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> dict[str, Any]:
+        """tinker://<model_id>/<kind>/<name> -> the checkpoint record; other keys' checkpoints are NotFound unless public."""
+        if not isinstance(path, str) or not path.startswith("tinker://"):
+            raise UserError(f"path: must look like tinker://<model_id>/<weights|sampler_weights>/<name>, got {path!r}")
+        parts = path[len("tinker://") :].split("/")
+        if len(parts) != 3 or parts[1] not in kinds:
+            raise UserError(f"path: must look like tinker://<model_id>/<{'|'.join(kinds)}>/<name>, got {path!r}")
+        model_id, kind, name = parts
+        checkpoint = self.registry.checkpoint(model_id, f"{kind}/{name}")
+        if checkpoint is None or (checkpoint.get("owner") != owner and not checkpoint.get("public")):
+            raise NotFound(f"path: no checkpoint {path}")
+        return checkpoint
+
+    def load_state(self, owner: str, model_id: str, seq_id: int | None, path: str, with_optimizer: bool) -> str:
+        checkpoint = self.resolve_checkpoint(owner, path, ("weights",) if with_optimizer else CHECKPOINT_KINDS)
+        kwargs = {"model_id": model_id, "directory": checkpoint["dir"], "with_optimizer": with_optimizer, "path": path}
+        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.load_state", kwargs, "load_weights", {"model_id": model_id, "path": path})
+
+    def create_model_from_checkpoint(self, owner: str, session_id: str, model_seq_id: int | None, path: str, with_optimizer: bool, user_metadata: dict | None = None) -> tuple[str, str]:
+        checkpoint = self.resolve_checkpoint(owner, path, ("weights",) if with_optimizer else CHECKPOINT_KINDS)
+        return self.create_model(owner, session_id, model_seq_id, checkpoint["base_model"], checkpoint["lora"], user_metadata, load={"dir": checkpoint["dir"], "with_optimizer": with_optimizer})
+
+    # ---- sampling -------------------------------------------------------------------------
+    def sample(self, owner: str, base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sampling_params: dict[str, Any] | None, num_samples: int, prompt_logprobs: bool, topk_prompt_logprobs: int) -> str:
+        spec = sampling_spec(sampling_params)
+        if not isinstance(num_samples, int) or not 1 <= num_samples <= 1024:
+            raise UserError(f"num_samples: must be an integer in 1..1024, got {num_samples!r}")
+        if not prompt["shape"] or prompt["shape"][0] == 0:
+            raise UserError("prompt: empty prompt")
+        request_id = str(uuid.uuid4())
+        self.registry.record_future(request_id, owner, "sample")
+        kwargs = {"base_model": base_model, "adapter_dir": adapter_dir, "prompt": prompt, "sampling_params": asdict(spec), "num_samples": num_samples, "prompt_logprobs": bool(prompt_logprobs), "topk_prompt_logprobs": int(topk_prompt_logprobs or 0)}
+        self.publish("tinkerbell.sample", kwargs, sample_queue(base_model), request_id, {"base_model": base_model, "adapter": adapter_dir is not None, "prompt_len": prompt["shape"][0], "num_samples": num_samples, "max_tokens": spec.max_tokens})
+        return request_id
+
+    def sampler_target(self, owner: str, base_model: str | None, model_path: str | None) -> tuple[str, str | None]:
+        """(base_model, adapter_dir) for a sampling client that names a base model or saved weights."""
+        if model_path:
+            checkpoint = self.resolve_checkpoint(owner, model_path)
+            return checkpoint["base_model"], checkpoint["dir"]
+        return self.check_base_model(base_model), None

@@ -1,0 +1,178 @@
+"""Training tasks: each runs on the worker that owns the adapter (queue adapter.<model_id>), in seq_id order.
+
+Tasks decode wire data, call the TrainingBackend interface, record what changed in the registry, and
+return plain data (arrays as bytes). A re-delivered request never trains twice (DESIGN rule 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
+from core.errors import NotFound, UserError
+from core.wire import decode_datum, encode_array
+from tasks.celery_app import app
+from tasks.runtime import runtime
+
+log = logging.getLogger("tinkerbell.tasks")
+
+
+def checkpoint_dir(model_id: str, kind: str, name: str) -> Path:
+    return runtime.settings.data_path / "checkpoints" / model_id / kind / name
+
+
+def autosave_dir(model_id: str) -> Path:
+    return runtime.settings.data_path / "autosave" / model_id
+
+
+def _require_adapter(model_id: str) -> None:
+    if not runtime.training.has_adapter(model_id):
+        raise NotFound(f"model_id: no adapter '{model_id}' on worker {runtime.name}")
+
+
+def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Apply `work` at most once per (model_id, seq_id); a redelivered message returns the stored result."""
+    meta = app.backend.get_task_meta(task.request.id)
+    if meta.get("status") == "SUCCESS":
+        return meta["result"]
+    record = runtime.registry.model_any(model_id) or {}
+    if seq_id is not None and seq_id <= int(record.get("applied_seq", 0)):
+        raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped")
+    _require_adapter(model_id)
+    result = work()
+    fields: dict[str, Any] = {"last_request_time": time.time()}
+    if seq_id is not None:
+        fields["applied_seq"] = seq_id
+    runtime.registry.update_model(model_id, **fields)
+    return result
+
+
+def _autosave(model_id: str) -> None:
+    """Keep the latest state on disk so a restarted worker restores the adapter (nothing lost)."""
+    if not runtime.settings.autosave:
+        return
+    target = autosave_dir(model_id)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    runtime.training.save_state(model_id, str(tmp), True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
+    """Re-create an adapter this worker owned before it restarted, from its latest autosave if any."""
+    runtime.training.create_adapter(model_id, record["base_model"], LoraSpec(**record["lora"]))
+    saved = autosave_dir(model_id)
+    if saved.exists():
+        runtime.training.load_state(model_id, str(saved), True)
+        log.info("restored %s from %s", model_id, saved)
+    else:
+        log.warning("restored %s with fresh weights: no autosave found", model_id)
+    runtime.own_adapter(model_id)
+
+
+@app.task(name="tinkerbell.create_adapter", bind=True, throws=(UserError,))
+def create_adapter(self: Any, model_id: str, base_model: str, lora: dict[str, Any], load_path: str | None = None, with_optimizer: bool = False) -> dict[str, Any]:
+    """Create (or, with load_path, restore from a checkpoint dir) an adapter here and start consuming its queue."""
+    if not runtime.training.has_adapter(model_id):
+        runtime.training.create_adapter(model_id, base_model, LoraSpec(**lora))
+        if load_path:
+            runtime.training.load_state(model_id, load_path, with_optimizer)
+    runtime.serve_base_model(base_model)
+    runtime.own_adapter(model_id)
+    runtime.registry.update_model(model_id, status="ready")
+    _autosave(model_id)
+    return {"model_id": model_id}
+
+
+@app.task(name="tinkerbell.remove_adapter", bind=True, throws=(UserError,))
+def remove_adapter(self: Any, model_id: str) -> dict[str, Any]:
+    if runtime.training.has_adapter(model_id):
+        runtime.training.remove_adapter(model_id)
+    runtime.release_adapter(model_id)
+    runtime.registry.delete_model(model_id)
+    shutil.rmtree(autosave_dir(model_id), ignore_errors=True)
+    return {"model_id": model_id, "removed": True}
+
+
+@app.task(name="tinkerbell.forward_backward", bind=True, throws=(UserError,))
+def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False) -> dict[str, Any]:
+    def work() -> dict[str, Any]:
+        datums = [Datum(*decode_datum(d)) for d in data]
+        request = FwdBwdRequest(model_id, datums, loss_fn, dict(loss_fn_config or {}), forward_only)
+        [result] = runtime.training.forward_backward([request])
+        tokens = sum(len(d.tokens) for d in datums)
+        runtime.registry.incr_stat("tokens_trained" if not forward_only else "tokens_forward", tokens)
+        return {
+            "loss_fn_output_type": "ArrayRecord",
+            "loss_fn_outputs": [{k: encode_array(v, "float32") for k, v in out.items()} for out in result.loss_fn_outputs],
+            "metrics": result.metrics,
+        }
+
+    return _once(self, model_id, seq_id, work)
+
+
+@app.task(name="tinkerbell.optim_step", bind=True, throws=(UserError,))
+def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -> dict[str, Any]:
+    def work() -> dict[str, Any]:
+        metrics = runtime.training.optim_step(model_id, AdamSpec(**adam_params))
+        _autosave(model_id)
+        return {"metrics": metrics}
+
+    return _once(self, model_id, seq_id, work)
+
+
+@app.task(name="tinkerbell.save_state", bind=True, throws=(UserError,))
+def save_state(self: Any, model_id: str, seq_id: int | None, name: str, kind: str = "weights", ttl_seconds: int | None = None, sampler_id: str | None = None) -> dict[str, Any]:
+    """Save weights (kind=weights: with optimizer; sampler_weights/external_weights: weights only) and record the checkpoint."""
+
+    def work() -> dict[str, Any]:
+        target = checkpoint_dir(model_id, kind, name)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        size = runtime.training.save_state(model_id, str(tmp), kind == "weights")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        record = runtime.registry.model_any(model_id) or {}
+        path = f"tinker://{model_id}/{kind}/{name}"
+        now = time.time()
+        runtime.registry.add_checkpoint(model_id, {
+            "checkpoint_id": f"{kind}/{name}",
+            "checkpoint_type": {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}[kind],
+            "time": now,
+            "tinker_path": path,
+            "dir": str(target),
+            "size_bytes": size,
+            "public": False,
+            "expires_at": now + ttl_seconds if ttl_seconds else None,
+            "owner": record.get("owner"),
+            "base_model": record.get("base_model"),
+            "lora": record.get("lora"),
+            "ephemeral": sampler_id is not None,
+        })
+        update = {"last_checkpoint" if kind == "weights" else "last_sampler_checkpoint": path}
+        runtime.registry.update_model(model_id, **update)
+        if sampler_id is not None:
+            runtime.registry.create_sampler(sampler_id, record.get("owner"), record.get("session_id"), record.get("base_model"), path, str(target))
+        return {"path": path, "size_bytes": size, "sampling_session_id": sampler_id}
+
+    return _once(self, model_id, seq_id, work)
+
+
+@app.task(name="tinkerbell.load_state", bind=True, throws=(UserError,))
+def load_state(self: Any, model_id: str, seq_id: int | None, directory: str, with_optimizer: bool, path: str) -> dict[str, Any]:
+    def work() -> dict[str, Any]:
+        if not Path(directory).exists():
+            raise UserError(f"path: checkpoint '{path}' has no files (was it deleted?)")
+        runtime.training.load_state(model_id, directory, with_optimizer)
+        _autosave(model_id)
+        return {"path": path, "model_id": model_id}
+
+    return _once(self, model_id, seq_id, work)

@@ -1,0 +1,105 @@
+"""Start one Celery worker pinned to one device: `python -m tasks.worker --device cuda:0 --name gpu0`.
+
+Pins the device with CUDA_VISIBLE_DEVICES before torch loads, runs a --pool=solo worker that consumes
+worker.<name>, registers itself in Redis with a heartbeat, and re-subscribes the adapters it owns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import Any
+
+log = logging.getLogger("tinkerbell.worker")
+
+
+def default_name(device: str) -> str:
+    return "cpu0" if device == "cpu" else "gpu" + device.split(":")[-1]
+
+
+def pin_device(device: str) -> str:
+    """cuda:N -> CUDA_VISIBLE_DEVICES=N, and the process then sees it as cuda:0."""
+    if device.startswith("cuda"):
+        index = device.split(":")[1] if ":" in device else "0"
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+        return "cuda:0"
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    raise SystemExit(f"--device must be cpu or cuda:N, not {device!r}")
+
+
+def _heartbeat_loop(stop: threading.Event) -> None:
+    from tasks.runtime import runtime
+
+    period = runtime.settings.heartbeat_s
+    while not stop.is_set():
+        try:
+            runtime.registry.register_worker(runtime.name, {**runtime.status(), "pid": os.getpid(), "host": socket.gethostname(), "physical_device": os.environ.get("TINKERBELL_PHYSICAL_DEVICE", "")}, ttl_s=3 * period)
+        except Exception:  # Redis briefly away: keep beating
+            log.exception("heartbeat failed")
+        stop.wait(period)
+
+
+def _on_ready(sender: Any, **_: Any) -> None:
+    """worker_ready: remember the consumer, start the heartbeat, load base models, re-subscribe owned adapters."""
+    from tasks.runtime import runtime
+    from tasks.training import restore_adapter
+
+    runtime.consumer = sender
+    from losses import list_losses
+
+    runtime.registry.publish_builtin_losses([entry for entry in list_losses() if entry.get("builtin")])
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True).start()
+    for base_model in runtime.settings.worker_base_models:
+        try:
+            runtime.training.load_base_model(base_model)
+        except Exception:
+            log.exception("could not preload base model %s", base_model)
+            continue
+        runtime.serve_base_model(base_model)
+    for model_id in runtime.registry.worker_adapters(runtime.name):
+        record = runtime.registry.model_any(model_id)
+        if record and not record.get("deleted"):
+            try:
+                restore_adapter(model_id, record)
+            except Exception:
+                log.exception("could not restore adapter %s", model_id)
+    log.info("worker %s ready on %s", runtime.name, runtime.settings.device)
+
+
+def _on_shutdown(**_: Any) -> None:
+    from tasks.runtime import runtime
+
+    runtime.registry.unregister_worker(runtime.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default=os.environ.get("TINKERBELL_DEVICE", "cpu"), help="cpu or cuda:N")
+    parser.add_argument("--name", default=os.environ.get("TINKERBELL_WORKER_NAME", ""), help="readable worker name (queue worker.<name>)")
+    parser.add_argument("--loglevel", default=os.environ.get("TINKERBELL_LOG_LEVEL", "INFO"))
+    args, extra = parser.parse_known_args(argv)
+    name = args.name or default_name(args.device)
+    os.environ["TINKERBELL_PHYSICAL_DEVICE"] = args.device
+    os.environ["TINKERBELL_DEVICE"] = pin_device(args.device)  # before anything imports torch
+    os.environ["TINKERBELL_WORKER_NAME"] = name
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=args.loglevel.upper(), format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", stream=sys.stdout)
+
+    from celery import signals
+
+    from tasks.celery_app import app, worker_queue
+
+    signals.worker_ready.connect(_on_ready, weak=False)
+    signals.worker_shutdown.connect(_on_shutdown, weak=False)
+    app.worker_main(["worker", "--pool=solo", "-n", f"{name}@{socket.gethostname()}", "-Q", worker_queue(name), "--loglevel", args.loglevel, "-E", "--without-gossip", "--without-mingle", *extra])
+
+
+if __name__ == "__main__":
+    main()

