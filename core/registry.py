@@ -20,6 +20,7 @@ from core.settings import Settings
 
 P = "tb:"  # every registry key starts with this
 LOCAL_OWNER = "local"  # owner of everything when TINKERBELL_AUTH=off
+PENDING_FUTURES = P + "futures:pending"  # zset request_id -> created; done ones are pruned when read
 
 
 def hash_key(api_key: str) -> str:
@@ -181,6 +182,7 @@ class Registry:
         key = P + f"future:{request_id}"
         self.redis.hset(key, mapping={"owner": _dumps(owner), "kind": _dumps(kind), "model_id": _dumps(model_id), "created": _dumps(time.time())})
         self.redis.expire(key, ttl_s)
+        self.redis.zadd(PENDING_FUTURES, {request_id: time.time()})  # api/ops.py settles it for /metrics
 
     def future(self, request_id: str, owner: str) -> dict[str, Any]:
         return self._owned("future", request_id, owner, "request_id")

@@ -1,0 +1,302 @@
+"""Operations face: `GET /metrics` (Prometheus), `GET /` (a self-refreshing status page) and `GET /status.json`.
+
+Every number lives in Redis, so any number of API processes (gunicorn workers) report the same totals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from api.auth import public
+from core.registry import PENDING_FUTURES, P, Registry
+from core.settings import Settings
+
+log = logging.getLogger("tinkerbell.api.ops")
+
+bp = Blueprint("ops", __name__)
+
+REQUESTS_KEY = P + "ops:requests"  # hash "method\troute\tstatus" -> count
+LATENCY_KEY = P + "ops:latency"  # hash "method\troute\tbucket index" -> count (not cumulative)
+LATENCY_SUM_KEY = P + "ops:latency_sum"  # hash "method\troute" -> seconds
+RECENT_KEY = P + "ops:recent"  # list of recent requests, newest first (no bodies, no keys)
+RECENT_MAX = 50
+# Seconds. retrieve_future long-polls for up to TINKERBELL_POLL_TIMEOUT_S, hence the long tail.
+BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+QUEUE_PREFIXES = ("adapter.", "worker.", "sample.")
+DEFAULT_QUEUE = "tinkerbell.default"
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport names priority variants <queue>\x06\x16<n>: not queues of their own
+# Requests that would drown the "recent requests" list (the status page polls every 2 s; health checks).
+QUIET_ENDPOINTS = {"ops.status_page", "ops.status_json", "ops.metrics", "native.healthz"}
+STATUS_HTML = Path(__file__).with_name("templates") / "status.html"
+
+
+# ---- request accounting -------------------------------------------------------------------------
+
+
+def route_label() -> str:
+    """The URL rule, never the raw path: bounded label values and no ids from the path."""
+    return request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+
+
+def bucket_index(seconds: float) -> int:
+    for index, bound in enumerate(BUCKETS):
+        if seconds <= bound:
+            return index
+    return len(BUCKETS) - 1
+
+
+@bp.after_app_request
+def record_request(response: Response) -> Response:
+    """Count the request by route and status and add its latency to the histogram, in one Redis round trip."""
+    started = g.get("started")
+    if started is None:
+        return response
+    seconds = max(0.0, time.perf_counter() - started)
+    method, route, status = request.method, route_label(), response.status_code
+    try:
+        pipe = current_app.config["REGISTRY"].redis.pipeline(transaction=False)
+        pipe.hincrby(REQUESTS_KEY, f"{method}\t{route}\t{status}", 1)
+        pipe.hincrby(LATENCY_KEY, f"{method}\t{route}\t{bucket_index(seconds)}", 1)
+        pipe.hincrbyfloat(LATENCY_SUM_KEY, f"{method}\t{route}", seconds)
+        if request.endpoint not in QUIET_ENDPOINTS:
+            entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": round(seconds * 1000, 1)}
+            pipe.lpush(RECENT_KEY, json.dumps(entry, separators=(",", ":")))
+            pipe.ltrim(RECENT_KEY, 0, RECENT_MAX - 1)
+        pipe.execute()
+    except redis.RedisError:  # metrics must never fail a request
+        log.warning("could not record request metrics", exc_info=True)
+    return response
+
+
+# ---- reading the state ----------------------------------------------------------------------------
+
+
+def broker_client(app: Flask) -> redis.Redis:
+    """One client per process for the broker's Redis (queues live there, maybe not in the registry's db)."""
+    clients = app.extensions.setdefault("tinkerbell_ops", {})
+    if "broker" not in clients:
+        settings: Settings = app.config["SETTINGS"]
+        registry: Registry = app.config["REGISTRY"]
+        clients["broker"] = registry.redis if settings.broker_url == settings.registry_url else redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    return clients["broker"]
+
+
+def queue_kind(name: str) -> str:
+    return name.split(".", 1)[0] if name.startswith(QUEUE_PREFIXES) else "default"
+
+
+def queue_depths(broker: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, int]:
+    """Messages waiting in each Tinkerbell queue: the broker's lists, plus the live workers' queues at 0 when empty."""
+    names = {DEFAULT_QUEUE}
+    for worker in workers:
+        names.add(f"worker.{worker['name']}")
+        names.update(f"adapter.{model_id}" for model_id in worker.get("adapters", []))
+        names.update(f"sample.{base_model}" for base_model in worker.get("base_models", []))
+    for key in broker.scan_iter(match="[aws]*.*", count=1000):  # adapter.*, worker.*, sample.* in one pass
+        name = key.decode() if isinstance(key, bytes) else key
+        if name.startswith(QUEUE_PREFIXES) and PRIORITY_SEP not in name:
+            names.add(name)
+    ordered = sorted(names)
+    pipe = broker.pipeline(transaction=False)
+    for name in ordered:
+        pipe.llen(name)
+    depths = pipe.execute(raise_on_error=False)
+    return {name: int(depth) for name, depth in zip(ordered, depths) if isinstance(depth, int)}  # a non-list key is no queue
+
+
+def pending_futures(registry: Registry) -> int:
+    """Futures accepted but without a result yet; the finished ones are pruned from the set as they are seen."""
+    from tasks.celery_app import app as celery_app
+
+    backend = celery_app.backend
+    client = registry.redis
+    client.zremrangebyscore(PENDING_FUTURES, "-inf", time.time() - 7 * 86400)  # results expire after 7 days
+    ids = client.zrange(PENDING_FUTURES, 0, -1)
+    if not ids:
+        return 0
+    pipe = backend.client.pipeline(transaction=False)
+    for request_id in ids:
+        pipe.exists(backend.get_key_for_task(request_id))
+    done = [request_id for request_id, exists in zip(ids, pipe.execute()) if exists]
+    if done:
+        client.zrem(PENDING_FUTURES, *done)
+    return len(ids) - len(done)
+
+
+def snapshot(app: Flask) -> dict[str, Any]:
+    """Everything the status page and /metrics report, read from Redis once."""
+    registry: Registry = app.config["REGISTRY"]
+    workers = registry.live_workers()
+    return {
+        "workers": workers,
+        "queues": queue_depths(broker_client(app), workers),
+        "futures_pending": pending_futures(registry),
+        "stats": registry.stats(),
+        "requests": registry.redis.hgetall(REQUESTS_KEY),
+        "latency": registry.redis.hgetall(LATENCY_KEY),
+        "latency_sum": registry.redis.hgetall(LATENCY_SUM_KEY),
+    }
+
+
+def worker_device(worker: dict[str, Any]) -> str:
+    """The physical device (cuda:3), not the pinned one every GPU worker sees as cuda:0."""
+    return str(worker.get("physical_device") or worker.get("device") or "?")
+
+
+# ---- /metrics -------------------------------------------------------------------------------------
+
+
+class RedisCollector(Collector):
+    """Builds every metric family from one snapshot of Redis at scrape time."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("tinkerbell_redis_up", "1 when the API could read Redis for this scrape.")
+        try:
+            snap = snapshot(self.app)
+        except redis.RedisError:
+            log.warning("metrics scrape could not read Redis", exc_info=True)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._requests(snap)
+        yield from self._state(snap)
+
+    def _requests(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        requests_total = CounterMetricFamily("tinkerbell_http_requests", "HTTP requests answered, by method, route and status.", labels=["method", "route", "status"])
+        for field, count in sorted(snap["requests"].items()):
+            method, route, status = field.split("\t")
+            requests_total.add_metric([method, route, status], float(count))
+        yield requests_total
+
+        counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
+        for field, count in snap["latency"].items():
+            method, route, index = field.split("\t")
+            if int(index) < len(BUCKETS):
+                counts[(method, route)][int(index)] += int(count)
+        latency = HistogramMetricFamily("tinkerbell_http_request_duration_seconds", "Time from request to response (long-polls included), by method and route.", labels=["method", "route"])
+        for (method, route), per_bucket in sorted(counts.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(BUCKETS, per_bucket):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([method, route], buckets, float(snap["latency_sum"].get(f"{method}\t{route}", 0.0)))
+        yield latency
+
+    def _state(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("tinkerbell_queue_depth", "Messages waiting in each broker queue (adapter.<model_id>, worker.<name>, sample.<base_model>).", labels=["queue", "kind"])
+        for name, count in snap["queues"].items():
+            depth.add_metric([name, queue_kind(name)], count)
+        yield depth
+
+        yield GaugeMetricFamily("tinkerbell_futures_pending", "Requests accepted whose result is not ready yet.", value=snap["futures_pending"])
+        yield GaugeMetricFamily("tinkerbell_workers_alive", "Workers with a fresh heartbeat.", value=len(snap["workers"]))
+        adapters = GaugeMetricFamily("tinkerbell_worker_adapters", "Adapters owned by each live worker.", labels=["worker", "device"])
+        memory = GaugeMetricFamily("tinkerbell_worker_memory_bytes", "Memory the worker's training backend reports in use.", labels=["worker", "device"])
+        for worker in snap["workers"]:
+            labels = [worker["name"], worker_device(worker)]
+            adapters.add_metric(labels, len(worker.get("adapters", [])))
+            memory.add_metric(labels, float(worker.get("memory_bytes") or 0))
+        yield adapters
+        yield memory
+
+        stats = {"tokens_trained": 0.0, "tokens_sampled": 0.0, **snap["stats"]}
+        help_text = {"tokens_trained": "Tokens in forward_backward batches that trained.", "tokens_sampled": "Tokens generated by sampling.", "tokens_forward": "Tokens in forward-only batches."}
+        for name, value in sorted(stats.items()):
+            if name.replace("_", "").isalnum():
+                yield CounterMetricFamily(f"tinkerbell_{name}", help_text.get(name, f"Counter {name} from the registry."), value=value)
+
+
+@bp.record_once
+def _make_registry(state: Any) -> None:
+    """A private CollectorRegistry per app: nothing from the process-global default registry leaks in."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(state.app))
+    state.app.extensions["tinkerbell_metrics"] = registry
+
+
+@bp.get("/metrics")
+@public
+def metrics() -> Response:
+    body = generate_latest(current_app.extensions["tinkerbell_metrics"])
+    return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+
+# ---- status page ------------------------------------------------------------------------------------
+
+
+def status_document(app: Flask) -> dict[str, Any]:
+    """What anyone may see without a key: workers, devices, adapter counts, queue depths, recent requests.
+
+    Adapter queues are summed per worker and model ids are left out: they are other keys' business.
+    """
+    snap = snapshot(app)
+    queues = snap["queues"]
+    workers = []
+    for worker in snap["workers"]:
+        owned = worker.get("adapters", [])
+        workers.append({
+            "name": worker["name"],
+            "device": worker_device(worker),
+            "host": worker.get("host", ""),
+            "adapters": len(owned),
+            "waiting": queues.get(f"worker.{worker['name']}", 0) + sum(queues.get(f"adapter.{m}", 0) for m in owned),
+            "base_models": worker.get("base_models", []),
+            "memory_bytes": worker.get("memory_bytes") or 0,
+            "heartbeat_age_s": round(max(0.0, time.time() - float(worker.get("heartbeat") or time.time())), 1),
+        })
+    adapter_queues = [depth for name, depth in queues.items() if name.startswith("adapter.")]
+    shown = [{"queue": name, "depth": depth} for name, depth in queues.items() if not name.startswith("adapter.")]
+    shown.append({"queue": f"adapter.* ({len(adapter_queues)} queues)", "depth": sum(adapter_queues)})
+    registry: Registry = app.config["REGISTRY"]
+    recent = [json.loads(raw) for raw in registry.redis.lrange(RECENT_KEY, 0, 19)]
+    stats = snap["stats"]
+    return {
+        "time": time.time(),
+        "totals": {
+            "workers_alive": len(workers),
+            "adapters": sum(w["adapters"] for w in workers),
+            "futures_pending": snap["futures_pending"],
+            "requests": sum(int(v) for v in snap["requests"].values()),
+            "tokens_trained": int(stats.get("tokens_trained", 0)),
+            "tokens_sampled": int(stats.get("tokens_sampled", 0)),
+        },
+        "workers": workers,
+        "queues": shown,
+        "recent_requests": recent,
+    }
+
+
+@bp.get("/status.json")
+@public
+def status_json() -> Response:
+    response = jsonify(status_document(current_app._get_current_object()))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/")
+@public
+def status_page() -> Response:
+    return Response(STATUS_HTML.read_text(encoding="utf-8"), mimetype="text/html", headers={"Cache-Control": "no-store"})
