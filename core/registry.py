@@ -6,6 +6,7 @@ so one key can never tell another key's objects from missing ones.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -29,6 +30,21 @@ def hash_key(api_key: str) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def _dumps_payload(value: Any) -> str:
+    """JSON that keeps bytes (wire arrays in task kwargs) as {"__b64__": …}."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return {"__b64__": base64.b64encode(bytes(obj)).decode()}
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+    return json.dumps(value, separators=(",", ":"), default=default)
+
+
+def _loads_payload(raw: str) -> Any:
+    return json.loads(raw, object_hook=lambda d: base64.b64decode(d["__b64__"]) if len(d) == 1 and "__b64__" in d else d)
 
 
 def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
@@ -202,11 +218,11 @@ class Registry:
         if not self.redis.hsetnx(base + ":ids", str(seq_id), request_id):
             return self.redis.hget(base + ":ids", str(seq_id)), []
         self.redis.zadd(base + ":admitted", {str(seq_id): seq_id})
-        self.redis.hset(base + ":pending", str(seq_id), _dumps({**payload, "seq_id": seq_id}))
+        self.redis.hset(base + ":pending", str(seq_id), _dumps_payload({**payload, "seq_id": seq_id}))
         ready = []
         nxt = int(self.redis.get(base + ":next") or 1)
         while (raw := self.redis.hget(base + ":pending", str(nxt))) is not None:
-            ready.append(json.loads(raw))
+            ready.append(_loads_payload(raw))
             self.redis.hdel(base + ":pending", str(nxt))
             nxt += 1
         self.redis.set(base + ":next", nxt)
