@@ -13,6 +13,7 @@ import uuid
 from dataclasses import asdict, fields
 from typing import Any
 
+from api.custom_losses import resolve_custom_loss
 from backends.base import AdamSpec, LoraSpec, SamplingSpec
 from backends.models import is_known_model
 from core.errors import NotFound, UserError
@@ -146,10 +147,13 @@ class Service:
             raise UserError("data: empty batch; send at least one datum")
         if not isinstance(loss_fn, str) or not loss_fn:
             raise UserError("loss_fn: must be a loss name")
-        if not self.registry.is_known_loss(loss_fn, owner):
+        custom_loss = resolve_custom_loss(self.registry, self.settings, owner, loss_fn, loss_fn_config)
+        if custom_loss is None and not self.registry.is_known_loss(loss_fn, owner):
             raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
         kwargs = {"model_id": model_id, "data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config, "forward_only": forward_only}
+        if custom_loss is not None:
+            kwargs["custom_loss"] = custom_loss  # the version current now, so re-registering changes later requests only
         kind = "forward" if forward_only else "forward_backward"
         return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only})
 

@@ -6,6 +6,18 @@
     tb.forward_backward(model_id, [{"model_input": [...], "loss_fn_inputs": {"target_tokens": [...], "weights": [...]}}]).result()
 """
 
-from client.client import APIError, AuthError, Future, NotFoundError, RequestFailed, ServerError, TinkerbellClient, UserInputError
+from typing import Any
 
-__all__ = ["APIError", "AuthError", "Future", "NotFoundError", "RequestFailed", "ServerError", "TinkerbellClient", "UserInputError"]
+from client.client import APIError, AuthError, Future, NotFoundError, RequestFailed, ServerError, TinkerbellClient, UserInputError
+from client.custom_loss import custom_loss
+
+__all__ = ["APIError", "AuthError", "Future", "LossFnOutput", "NotFoundError", "RequestFailed", "ServerError", "TinkerbellClient", "UserInputError", "custom_loss"]
+
+
+def __getattr__(name: str) -> Any:
+    """LossFnOutput comes from losses.contract, which imports torch: only when asked for."""
+    if name == "LossFnOutput":
+        from losses.contract import LossFnOutput
+
+        return LossFnOutput
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

@@ -119,6 +119,26 @@ class TinkerbellClient:
     def retrieve_future(self, request_id: str) -> Future:
         return Future(self, request_id)
 
+    # ---- custom losses (see CUSTOM_LOSS_GUIDE.md) -----------------------------------------
+    def register_custom_loss(self, fn: Any, name: str | None = None) -> dict[str, Any]:
+        """Upload `fn` (dill, helpers and closures by value) as the loss `name`; returns {name, version, hash, …}.
+
+        Use it as `loss_fn=name` in forward_backward. The service must allow custom code and the key needs the
+        custom_code scope (AuthError says how to get both).
+        """
+        from client.custom_loss import serialize_loss
+
+        return self._post("/register_custom_loss", serialize_loss(fn, name))
+
+    def get_custom_loss(self, name: str) -> dict[str, Any]:
+        """One of your losses: current version, source and every version's metadata."""
+        return self._get(f"/custom_losses/{name}")
+
+    def delete_custom_loss(self, name: str) -> dict[str, Any]:
+        response = self.session.delete(f"{self.base_url}/custom_losses/{name}", timeout=self.timeout)
+        _raise_for(response)
+        return response.json()
+
     # ---- adapters -------------------------------------------------------------------------
     def add_lora(self, base_model: str | None = None, rank: int = 32, alpha: float | None = None, seed: int | None = None, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = True) -> Future:
         """Create an adapter; the future's result has model_id."""

@@ -102,11 +102,18 @@ def remove_adapter(self: Any, model_id: str) -> dict[str, Any]:
 
 
 @app.task(name="tinkerbell.forward_backward", bind=True, throws=(UserError,))
-def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False) -> dict[str, Any]:
+def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False, custom_loss: dict[str, Any] | None = None) -> dict[str, Any]:
+    """custom_loss: {name, version, hash, owner} of the owner's uploaded loss, resolved by api/ at publish time."""
+
     def work() -> dict[str, Any]:
+        from tasks import custom_losses
+
         datums = [Datum(*decode_datum(d)) for d in data]
-        request = FwdBwdRequest(model_id, datums, loss_fn, dict(loss_fn_config or {}), forward_only)
-        [result] = runtime.training.forward_backward([request])
+        loss_name = custom_losses.resolve_loss_fn(loss_fn, custom_loss, runtime.settings, runtime.registry.redis)
+        request = FwdBwdRequest(model_id, datums, loss_name, dict(loss_fn_config or {}), forward_only)
+        params = custom_losses.trainable_parameters(runtime.training, model_id) if custom_loss else []
+        with custom_losses.gradients_restored_on_failure(params):
+            [result] = runtime.training.forward_backward([request])
         tokens = sum(len(d.tokens) for d in datums)
         runtime.registry.incr_stat("tokens_trained" if not forward_only else "tokens_forward", tokens)
         return {
