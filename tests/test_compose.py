@@ -200,6 +200,7 @@ def test_dotenv_is_optional_and_cannot_move_the_stack_off_its_redis(project: Pat
     assert services["flower"]["environment"]["TINKERBELL_FLOWER_PASSWORD"] == "s3cret"
     assert services["api"]["ports"][0]["published"] == "9000"
     assert services["api"]["environment"]["TINKERBELL_PORT"] == "8000"
+    assert services["api"]["environment"]["TINKERBELL_PUBLIC_URL"] == "http://localhost:9000"
 
 
 def test_compose_names_only_real_settings() -> None:
