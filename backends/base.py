@@ -87,7 +87,7 @@ class SampledSequence:
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None  # position 0 is None
-    topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None  # k (token, logprob) per position; position 0 is []
 
 
 class TrainingBackend(Protocol):

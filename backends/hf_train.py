@@ -1,0 +1,328 @@
+"""HFTrainingBackend: many LoRA adapters on one shared base model, each with its own AdamW and gradients.
+
+Gradients accumulate across forward_backward calls until optim_step. Saved state is PEFT format
+(adapter_model.safetensors + adapter_config.json, loadable by PEFT and vLLM) plus optimizer.pt and tinkerbell.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backends.base import AdamSpec, FwdBwdRequest, FwdBwdResult, LoraSpec
+from backends.hf import (
+    LoadedBase,
+    get_base,
+    loaded_bases,
+    lora_config,
+    lora_targets,
+    memory_bytes,
+    torch_device,
+)
+from core.errors import NotFound, UserError
+from core.settings import Settings
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER_STATE = "optimizer.pt"
+STATE_META = "tinkerbell.json"
+PER_TOKEN_INPUTS = ("weights", "advantages", "logprobs", "mask", "sequence_ratio_mask")
+
+
+@dataclass
+class _Adapter:
+    model_id: str
+    base: LoadedBase
+    name: str  # internal PEFT adapter name (model ids may contain '.', which module names can't)
+    lora: LoraSpec
+    config: Any  # peft LoraConfig
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.AdamW
+    steps: int = 0
+
+
+@dataclass
+class _Prepared:
+    adapter: _Adapter
+    request: FwdBwdRequest
+    tokens: list[torch.Tensor]  # each (N_i,) int64
+    targets: list[torch.Tensor]  # each (N_i,) or (N_i, K) int64
+    inputs: list[dict[str, torch.Tensor]]
+
+
+def _new_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    # Hyperparameters are set from AdamSpec at every optim_step.
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+
+def _int_array(value: Any, field: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        return arr.astype(np.int64)
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    raise UserError(f"{field}: token ids must be integers, got dtype {arr.dtype}")
+
+
+def _check_range(arr: np.ndarray, vocab: int, field: str) -> None:
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
+        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+        raise UserError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
+
+
+class HFTrainingBackend:
+    """TrainingBackend on HF transformers + PEFT. Float32 by default (exact); pass dtype=torch.bfloat16 to save memory."""
+
+    def __init__(self, settings: Settings, dtype: torch.dtype | None = None) -> None:
+        self.settings = settings
+        self.device = torch_device(settings.device)
+        self.dtype = dtype or torch.float32
+        self._adapters: dict[str, _Adapter] = {}
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def create_adapter(self, model_id: str, base_model: str, lora: LoraSpec) -> dict[str, Any]:
+        """Create a fresh adapter (idempotent for the same base_model and LoraSpec). Returns its description."""
+        existing = self._adapters.get(model_id)
+        if existing is not None:
+            if existing.base.name != base_model or existing.lora != lora:
+                raise UserError(f"model_id: adapter {model_id!r} already exists with another base_model or lora_config")
+            return self._info(existing)
+        if not isinstance(lora.rank, int) or lora.rank < 1:
+            raise UserError(f"lora_config.rank: must be a positive integer, got {lora.rank!r}")
+        if not (isinstance(lora.alpha, (int, float)) and math.isfinite(lora.alpha) and lora.alpha > 0):
+            raise UserError(f"lora_config.alpha: must be a positive number, got {lora.alpha!r}")
+        targets = lora_targets(lora.train_attn, lora.train_mlp, lora.train_unembed)
+        if not targets:
+            raise UserError("lora_config: train_attn, train_mlp and train_unembed are all false; nothing to train")
+        base = get_base(base_model, self.settings, self.device, self.dtype)
+        config = lora_config(lora.rank, float(lora.alpha), targets)
+        with base.lock:
+            name = base.new_adapter(config, lora.seed, prefix="train")
+            params = base.adapter_params(name)
+        adapter = _Adapter(model_id, base, name, lora, config, params, _new_optimizer(list(params.values())))
+        self._adapters[model_id] = adapter
+        return self._info(adapter)
+
+    def _info(self, a: _Adapter) -> dict[str, Any]:
+        return {
+            "model_id": a.model_id,
+            "base_model": a.base.name,
+            "lora": asdict(a.lora),
+            "trainable_params": int(sum(p.numel() for p in a.params.values())),
+            "vocab_size": a.base.vocab_out,
+            "device": str(self.device),
+        }
+
+    def has_adapter(self, model_id: str) -> bool:
+        return model_id in self._adapters
+
+    def remove_adapter(self, model_id: str) -> None:
+        """Forget the adapter, its gradients and optimizer state (no-op if unknown)."""
+        adapter = self._adapters.pop(model_id, None)
+        if adapter is None:
+            return
+        adapter.optimizer.state.clear()
+        adapter.params.clear()
+        adapter.base.delete_adapter(adapter.name)
+
+    def _get(self, model_id: str) -> _Adapter:
+        adapter = self._adapters.get(model_id)
+        if adapter is None:
+            raise NotFound(f"model_id: unknown adapter {model_id!r} on this worker")
+        return adapter
+
+    # ---- forward / backward ---------------------------------------------------------------------------------
+    def _prepare(self, request: FwdBwdRequest) -> _Prepared:
+        adapter = self._get(request.model_id)
+        base = adapter.base
+        if not request.data:
+            raise UserError("data: empty batch")
+        tokens, targets, inputs = [], [], []
+        for i, datum in enumerate(request.data):
+            ids = _int_array(datum.tokens, f"data[{i}].model_input")
+            if ids.ndim != 1 or ids.size == 0:
+                raise UserError(f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}")
+            n = int(ids.size)
+            _check_range(ids, base.vocab_in, f"data[{i}].model_input")
+            if base.max_len is not None and n > base.max_len:
+                raise UserError(f"data[{i}].model_input: {n} tokens exceed the model's context length {base.max_len}")
+            fn_inputs = dict(datum.loss_fn_inputs or {})
+            if "target_tokens" not in fn_inputs:
+                raise UserError(f"data[{i}].loss_fn_inputs.target_tokens: required")
+            target = _int_array(fn_inputs["target_tokens"], f"data[{i}].loss_fn_inputs.target_tokens")
+            if target.ndim not in (1, 2) or target.shape[0] != n or (target.ndim == 2 and target.shape[1] == 0):
+                raise UserError(
+                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input length {n}"
+                    " (expected (N,) or (N, K))"
+                )
+            _check_range(target, base.vocab_out, f"data[{i}].loss_fn_inputs.target_tokens")
+            # torch.tensor copies: wire-decoded arrays are read-only views of the message bytes.
+            converted: dict[str, torch.Tensor] = {"target_tokens": torch.tensor(target, device=self.device)}
+            for key, value in fn_inputs.items():
+                if key == "target_tokens":
+                    continue
+                arr = np.asarray(value)
+                if key in PER_TOKEN_INPUTS and (arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)):
+                    raise UserError(
+                        f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens {tuple(target.shape)}"
+                    )
+                if arr.dtype.kind not in "biuf":
+                    raise UserError(f"data[{i}].loss_fn_inputs.{key}: expected numbers, got dtype {arr.dtype}")
+                converted[key] = torch.tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device)
+            tokens.append(torch.tensor(ids))
+            targets.append(converted["target_tokens"])
+            inputs.append(converted)
+        return _Prepared(adapter, request, tokens, targets, inputs)
+
+    def forward_backward(self, requests: list[FwdBwdRequest]) -> list[FwdBwdResult]:
+        """Run each request (all are validated first, so a bad one changes no adapter's gradients)."""
+        prepared = [self._prepare(r) for r in requests]
+        return [self._run(p) for p in prepared]
+
+    def _run(self, p: _Prepared) -> FwdBwdResult:
+        from losses import compute_loss
+
+        base, adapter = p.adapter.base, p.adapter
+        lengths = [int(t.numel()) for t in p.tokens]
+        batch, width = len(lengths), max(lengths)
+        ids = torch.zeros((batch, width), dtype=torch.int64)  # (B, L), right-padded
+        mask = torch.zeros((batch, width), dtype=torch.int64)  # (B, L)
+        for i, t in enumerate(p.tokens):
+            ids[i, : lengths[i]] = t
+            mask[i, : lengths[i]] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        grad_mode = torch.no_grad() if p.request.forward_only else torch.enable_grad()
+        with base.lock, grad_mode:
+            base.activate(adapter.name, trainable=True)
+            attention = None if min(lengths) == width else mask
+            logits = base.model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, L, V)
+            logprobs: list[torch.Tensor] = []
+            for i, n in enumerate(lengths):
+                row = logits[i, :n].float()  # (N, V); position j predicts target j (caller already shifted)
+                target = p.targets[i]
+                picked = row.gather(-1, target.reshape(n, -1))  # (N, K') with K' = 1 or K
+                lp = picked - torch.logsumexp(row, dim=-1, keepdim=True)  # log_softmax without a (N, V) copy
+                logprobs.append(lp.reshape(target.shape))  # (N,) or (N, K)
+            loss, metrics = compute_loss(p.request.loss_fn, logprobs, p.inputs, p.request.loss_fn_config or {})
+            if not p.request.forward_only and loss.requires_grad:
+                loss.backward()
+        outputs = [{"logprobs": lp.detach().to("cpu", torch.float32).numpy()} for lp in logprobs]
+        return FwdBwdResult(loss_fn_outputs=outputs, metrics={k: float(v) for k, v in metrics.items()})
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
+        """AdamW step on the accumulated gradients (clipped when grad_clip_norm > 0), then zero them."""
+        adapter = self._get(model_id)
+        checks = {
+            "learning_rate": adam.learning_rate >= 0,
+            "beta1": 0 <= adam.beta1 < 1,
+            "beta2": 0 <= adam.beta2 < 1,
+            "eps": adam.eps >= 0,
+            "weight_decay": adam.weight_decay >= 0,
+            "grad_clip_norm": adam.grad_clip_norm >= 0,
+        }
+        for key, ok in checks.items():
+            value = getattr(adam, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+                raise UserError(f"adam_params.{key}: invalid value {value!r}")
+        params = list(adapter.params.values())
+        with adapter.base.lock:
+            grads = [p.grad for p in params if p.grad is not None]
+            if adam.grad_clip_norm > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, adam.grad_clip_norm))
+            elif grads:
+                norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            else:
+                norm = 0.0
+            for group in adapter.optimizer.param_groups:
+                group.update(lr=float(adam.learning_rate), betas=(float(adam.beta1), float(adam.beta2)), eps=float(adam.eps),
+                             weight_decay=float(adam.weight_decay))
+            adapter.optimizer.step()
+            adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.steps += 1
+        return {"grad_norm:mean": norm, "learning_rate:mean": float(adam.learning_rate)}
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def save_state(self, model_id: str, directory: str, with_optimizer: bool) -> int:
+        """Write the adapter (PEFT format) and, if asked, its optimizer state into directory. Returns bytes written."""
+        from safetensors.torch import save_file
+
+        adapter = self._get(model_id)
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: p.detach().to("cpu").contiguous() for k, p in adapter.params.items()}
+        save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = copy.deepcopy(adapter.config)
+        config.base_model_name_or_path = adapter.base.name
+        config.inference_mode = True
+        config.save_pretrained(str(out))
+        written = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_META]
+        if with_optimizer:
+            torch.save(adapter.optimizer.state_dict(), out / OPTIMIZER_STATE)
+            written.append(OPTIMIZER_STATE)
+        meta = {"model_id": model_id, "base_model": adapter.base.name, "lora": asdict(adapter.lora),
+                "steps": adapter.steps, "with_optimizer": bool(with_optimizer)}
+        (out / STATE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return sum((out / f).stat().st_size for f in written)
+
+    def load_state(self, model_id: str, directory: str, with_optimizer: bool) -> None:
+        """Restore weights (and optimizer state if asked; otherwise the optimizer restarts) into an existing adapter."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        adapter = self._get(model_id)
+        src = Path(directory)
+        if not (src / ADAPTER_WEIGHTS).is_file():
+            raise UserError(f"path: no {ADAPTER_WEIGHTS} in the checkpoint")
+        try:
+            state = load_file(str(src / ADAPTER_WEIGHTS))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"path: unreadable adapter weights ({exc})") from exc
+        # PEFT may also save the (unchanged) base lm_head/embedding weights next to the LoRA ones; only LoRA counts.
+        state = {k: v for k, v in state.items() if ".lora_" in k}
+        missing = sorted(set(adapter.params) - set(state))
+        unexpected = sorted(set(state) - set(adapter.params))
+        wrong = sorted(k for k in adapter.params if k in state and tuple(state[k].shape) != tuple(adapter.params[k].shape))
+        if missing or unexpected or wrong:
+            raise UserError(
+                "path: checkpoint does not match this adapter's LoRA config (rank / trained modules): "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
+            )
+        optimizer_state = None
+        if with_optimizer:
+            if not (src / OPTIMIZER_STATE).is_file():
+                raise UserError(f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer")
+            optimizer_state = torch.load(src / OPTIMIZER_STATE, map_location=self.device, weights_only=True)
+        with adapter.base.lock, torch.no_grad():
+            for key, param in adapter.params.items():
+                param.copy_(state[key].to(param.device, param.dtype))
+                param.grad = None
+            optimizer = _new_optimizer(list(adapter.params.values()))
+            if optimizer_state is not None:
+                try:
+                    optimizer.load_state_dict(optimizer_state)
+                except (ValueError, KeyError) as exc:
+                    raise UserError(f"path: optimizer state does not match this adapter ({exc})") from exc
+            adapter.optimizer = optimizer
+        if (src / STATE_META).is_file():
+            try:
+                adapter.steps = int(json.loads((src / STATE_META).read_text()).get("steps", 0))
+            except (ValueError, TypeError):
+                pass
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "base_models": sorted({b.name for b in loaded_bases(self.device)}),
+            "adapters": sorted(self._adapters),
+            "memory_bytes": memory_bytes(self.device),
+        }
