@@ -97,10 +97,28 @@ class Service:
             answer_id, ready = self.registry.sequence(model_id, seq_id, request_id, {"task": task, "kwargs": kwargs, "request_id": request_id, "summary": summary})
             if answer_id == request_id:
                 self.registry.record_future(request_id, owner, kind, model_id)
-            for item in ready:
-                item["kwargs"]["seq_id"] = item["seq_id"]
-                self.publish(item["task"], item["kwargs"], adapter_queue(model_id), item["request_id"], {**item["summary"], "seq_id": item["seq_id"]})
+            self._publish_ready(model_id, ready)
         return answer_id
+
+    def _publish_ready(self, model_id: str, ready: list[dict[str, Any]]) -> None:
+        for item in ready:
+            if item.get("skip"):
+                continue
+            item["kwargs"]["seq_id"] = item["seq_id"]
+            self.publish(item["task"], item["kwargs"], adapter_queue(model_id), item["request_id"], {**item["summary"], "seq_id": item["seq_id"]})
+
+    def skip_seq(self, owner: str, model_id: str, seq_id: int) -> None:
+        """Use up the seq_id of a request api/ refused (HTTP 4xx), so the model's later requests are not held behind it.
+
+        The Tinker SDK numbers requests on the client without gaps; one it could not submit still reserved its id.
+        """
+        try:
+            self.registry.model(model_id, owner)
+        except NotFound:
+            return
+        with self.registry.seq_lock(model_id):
+            _, ready = self.registry.sequence(model_id, seq_id, f"refused-{uuid.uuid4()}", {"skip": True})
+            self._publish_ready(model_id, ready)
 
     # ---- sessions and models --------------------------------------------------------------
     def check_base_model(self, base_model: str | None) -> str:
