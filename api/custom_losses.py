@@ -57,14 +57,15 @@ def check_allowed(settings: Settings, scopes: set[str]) -> None:
         raise Forbidden(NO_SCOPE)
 
 
-def resolve_custom_loss(registry: Registry, settings: Settings, owner: str, loss_fn: str, loss_fn_config: dict[str, Any]) -> dict[str, Any] | None:
+def resolve_custom_loss(registry: Registry, settings: Settings, owner: str, loss_fn: str, loss_fn_config: dict[str, Any] | None) -> dict[str, Any] | None:
     """The owner's current version of a custom loss named by loss_fn (or loss_fn "custom" + loss_fn_config.loss_id).
 
     Returns {name, version, hash, owner} for the task, fixed now so a later re-registration changes the next
     request and not this one; None when loss_fn is not one of the owner's custom losses. Running one needs
     what uploading needs (checked against the requesting key's scopes).
     """
-    name = loss_fn_config.get("loss_id") if loss_fn == "custom" else loss_fn
+    config = loss_fn_config if isinstance(loss_fn_config, dict) else {}
+    name = config.get("loss_id") if loss_fn == "custom" else loss_fn
     if not isinstance(name, str) or not name:
         if loss_fn == "custom":
             raise UserError("loss_fn_config.loss_id: required (the name of an uploaded loss) when loss_fn is 'custom'")
