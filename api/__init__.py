@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from core.errors import NotFound, UserError
@@ -16,6 +16,11 @@ from core.registry import Registry
 from core.settings import Settings
 
 log = logging.getLogger("tinkerbell.api")
+
+
+class ApiRequest(Request):
+    def on_json_loading_failed(self, e: ValueError | None):
+        raise UserError(f"body: malformed JSON ({e})" if e else "body: expected a JSON body with Content-Type: application/json")
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Flask:
@@ -26,6 +31,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
     app = Flask(__name__)
+    app.request_class = ApiRequest
     app.config.update(SETTINGS=settings, REGISTRY=registry, SERVICE=Service(settings, registry))
     app.json.sort_keys = False
     app.before_request(_start_timer)
@@ -46,11 +52,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        message = exc.description
-        if exc.code == 400 and "JSON" in (exc.description or "") or exc.code == 415:
-            message = "body: malformed JSON (send a JSON object with Content-Type: application/json)"
-            return jsonify(error=message, category="user"), 400
-        return jsonify(error=message, category="user"), exc.code
+        return jsonify(error=exc.description, category="user"), exc.code
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception):

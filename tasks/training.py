@@ -92,7 +92,8 @@ def create_adapter(self: Any, model_id: str, base_model: str, lora: dict[str, An
 
 
 @app.task(name="tinkerbell.remove_adapter", bind=True, throws=(UserError,))
-def remove_adapter(self: Any, model_id: str) -> dict[str, Any]:
+def remove_adapter(self: Any, model_id: str, seq_id: int | None = None) -> dict[str, Any]:
+    """Runs in order after everything queued before it on the adapter's queue, then stops that queue."""
     if runtime.training.has_adapter(model_id):
         runtime.training.remove_adapter(model_id)
     runtime.release_adapter(model_id)

@@ -58,7 +58,9 @@ def _on_ready(sender: Any, **_: Any) -> None:
     threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True).start()
     for base_model in runtime.settings.worker_base_models:
         try:
-            runtime.training.load_base_model(base_model)
+            preload = getattr(runtime.training, "load_base_model", None)
+            if preload is not None:
+                preload(base_model)
         except Exception:
             log.exception("could not preload base model %s", base_model)
             continue

@@ -66,24 +66,33 @@ def test_loss_and_logprobs_equal_plain_peft(stack, tb, models_dir):
         lp = plain_logprobs(model, datum)
         np.testing.assert_allclose(logprobs_of(output), lp.detach().numpy(), atol=1e-5)
         loss = loss + (-lp * torch.tensor(datum["loss_fn_inputs"]["weights"])).sum()
-    assert out["metrics"]["loss:sum"] == pytest.approx(loss.item(), abs=1e-5)
+    assert out["metrics"]["loss:sum"] == pytest.approx(loss.item(), rel=1e-6)  # a float32 sum of ~100: 1e-5 absolute is below its ulp
 
 
 def test_one_optim_step_equals_in_process_adamw(stack, tb, models_dir):
+    """Adam's first step is lr*g/(|g|+eps): it amplifies float32 rounding in small gradients by up to lr/eps,
+    so the reference computes logprobs with the same formula (gather - logsumexp) as the service."""
     from safetensors.torch import load_file
+
+    adam = ADAM
 
     model_id = tb.add_lora(rank=4, seed=5).result(120)["model_id"]
     start = tb.save_state(model_id, "start", for_sampler=True).result(60)["path"]
     batch = [make_datum(10), make_datum(11)]
     tb.forward_backward(model_id, batch).result(60)
-    tb.optim_step(model_id, **ADAM).result(60)
+    tb.optim_step(model_id, **adam).result(60)
     end = tb.save_state(model_id, "end", for_sampler=True).result(60)["path"]
 
     model = plain_peft(models_dir, checkpoint_dir(stack, start))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=ADAM["learning_rate"], betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"], weight_decay=ADAM["weight_decay"])
-    loss = sum((-plain_logprobs(model, d) * torch.tensor(d["loss_fn_inputs"]["weights"])).sum() for d in batch)
-    loss.backward()
+    optimizer = torch.optim.AdamW(list(named.values()), lr=adam["learning_rate"], betas=(adam["beta1"], adam["beta2"]), eps=adam["eps"], weight_decay=adam["weight_decay"])
+    # One batched forward, as the service runs it (both datums have the same length: no padding).
+    tokens = torch.tensor([d["model_input"] for d in batch])  # (B, N)
+    targets = torch.tensor([d["loss_fn_inputs"]["target_tokens"] for d in batch])  # (B, N)
+    weights = torch.tensor([d["loss_fn_inputs"]["weights"] for d in batch])  # (B, N)
+    logits = model(input_ids=tokens).logits.float()  # (B, N, V)
+    logprobs = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)  # (B, N)
+    (-(logprobs * weights)).sum().backward()
     optimizer.step()
 
     saved = load_file(f"{checkpoint_dir(stack, end)}/adapter_model.safetensors")
@@ -136,8 +145,8 @@ def test_two_adapters_interleaved_each_equal_training_alone(tb):
     for step in range(4):
         tb.forward_backward(alone_b, data_b[step % 2]).result(60)
         tb.optim_step(alone_b, learning_rate=1e-2).result(60)
-    np.testing.assert_allclose(got_a, logprobs_of(tb.forward(alone_a, probe_a).result(60)["loss_fn_outputs"][0]), atol=1e-6)
-    np.testing.assert_allclose(got_b, logprobs_of(tb.forward(alone_b, probe_b).result(60)["loss_fn_outputs"][0]), atol=1e-6)
+    np.testing.assert_allclose(got_a, logprobs_of(tb.forward(alone_a, probe_a).result(60)["loss_fn_outputs"][0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_b, logprobs_of(tb.forward(alone_b, probe_b).result(60)["loss_fn_outputs"][0]), rtol=1e-6, atol=1e-6)
 
 
 def test_gradient_accumulation_equals_full_batch(tb):
@@ -152,7 +161,7 @@ def test_gradient_accumulation_equals_full_batch(tb):
     got = tb.forward(split, batch).result(60)["loss_fn_outputs"]
     want = tb.forward(full, batch).result(60)["loss_fn_outputs"]
     for g, w in zip(got, want):
-        np.testing.assert_allclose(logprobs_of(g), logprobs_of(w), atol=1e-6)
+        np.testing.assert_allclose(logprobs_of(g), logprobs_of(w), rtol=1e-6, atol=1e-6)
 
 
 def test_sample_greedy_is_deterministic_and_seeded_sampling_repeats(tb):
@@ -170,12 +179,12 @@ def test_sample_greedy_is_deterministic_and_seeded_sampling_repeats(tb):
 def test_sample_from_saved_adapter_weights(tb):
     model_id = tb.add_lora(rank=4, seed=4).result(120)["model_id"]
     datum = make_datum(60, length=8, vocab=50)
-    for _ in range(15):
+    for _ in range(30):
         tb.forward_backward(model_id, [datum]).result(60)
-        tb.optim_step(model_id, learning_rate=5e-2).result(60)
+        tb.optim_step(model_id, learning_rate=1e-2).result(60)
     path = tb.save_state(model_id, "s", for_sampler=True).result(60)["path"]
     prompt = datum["model_input"][:3]
-    tuned = tb.sample(prompt, model_path=path, max_tokens=3, temperature=0.0).result(60)["sequences"][0]["tokens"]
+    tuned = tb.sample(prompt, model_path=path, max_tokens=3, temperature=0.0, stop=[]).result(60)["sequences"][0]["tokens"]
     assert tuned == datum["loss_fn_inputs"]["target_tokens"][2:5]  # it learned to continue the example
 
 

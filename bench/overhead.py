@@ -1,0 +1,168 @@
+"""What the service costs over running the same work in-process; prints a table.
+
+(a) round-trip latency of a tiny forward_backward: HTTP → Redis → worker → result, vs the backend call in-process.
+(b) SFT throughput (forward_backward + optim_step, batch 8×128) on SmolLM2: service vs a plain PEFT loop.
+Usage: python bench/overhead.py [--latency-iters 200] [--sft-steps 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from client import TinkerbellClient  # noqa: E402
+from tests.stackutil import TINY_MODEL, RedisServer, Stack  # noqa: E402
+
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def batch(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(1, vocab, size=length + 1)
+        out.append({"model_input": tokens[:-1].tolist(), "loss_fn_inputs": {"target_tokens": tokens[1:].tolist(), "weights": [1.0] * length}})
+    return out
+
+
+def in_process_backend(models_dir: Path, data_dir: Path):
+    from backends.hf import HFTrainingBackend
+    from core.settings import Settings
+
+    return HFTrainingBackend(Settings.from_env({"TINKERBELL_MODELS_DIR": str(models_dir), "TINKERBELL_DATA_DIR": str(data_dir)}))
+
+
+def to_request(model_id: str, data: list[dict]):
+    from backends.base import Datum, FwdBwdRequest
+
+    datums = [Datum(np.asarray(d["model_input"]), {k: np.asarray(v) for k, v in d["loss_fn_inputs"].items()}) for d in data]
+    return FwdBwdRequest(model_id, datums)
+
+
+def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], list[float]]:
+    from backends.base import LoraSpec
+
+    tb = TinkerbellClient(stack.url, api_key="tml-bench")
+    model_id = tb.add_lora(base_model=TINY_MODEL, rank=4).result(300)["model_id"]
+    data = batch(1, 8, 1000)
+    for _ in range(10):
+        tb.forward_backward(model_id, data).result(60)
+    service = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        tb.forward_backward(model_id, data).result(60)
+        service.append((time.perf_counter() - t0) * 1e3)
+    backend = in_process_backend(models_dir, stack.data_dir)
+    backend.create_adapter("bench", TINY_MODEL, LoraSpec(rank=4))
+    request = to_request("bench", data)
+    for _ in range(10):
+        backend.forward_backward([request])
+    local = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        backend.forward_backward([to_request("bench", data)])
+        local.append((time.perf_counter() - t0) * 1e3)
+    return service, local
+
+
+def sft_service(stack: Stack, data: list[dict], steps: int) -> float:
+    tb = TinkerbellClient(stack.url, api_key="tml-bench")
+    model_id = tb.add_lora(base_model=SMOL, rank=16, seed=0, train_unembed=False).result(600)["model_id"]  # same modules as all-linear
+    tb.forward_backward(model_id, data).result(600)  # warm-up step
+    tb.optim_step(model_id, learning_rate=1e-4).result(600)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fb = tb.forward_backward(model_id, data)
+        opt = tb.optim_step(model_id, learning_rate=1e-4)  # pipelined: queued behind fwd/bwd, as the SDK does
+        fb.result(600), opt.result(600)
+    return steps * sum(len(d["model_input"]) for d in data) / (time.perf_counter() - t0)
+
+
+def sft_plain_peft(stack: Stack, data: list[dict], steps: int) -> float:
+    """A plain transformers + PEFT + AdamW loop in this process: no Tinkerbell code on the hot path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backends.models import resolve_model_dir
+    from core.settings import Settings
+
+    path = resolve_model_dir(SMOL, Settings.from_env(stack.env))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    tokens = torch.tensor([d["model_input"] for d in data])  # (B, T)
+    targets = torch.tensor([d["loss_fn_inputs"]["target_tokens"] for d in data])  # (B, T)
+    weights = torch.tensor([d["loss_fn_inputs"]["weights"] for d in data])  # (B, T)
+
+    def step() -> None:
+        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), -1).gather(-1, targets[..., None])[..., 0]  # (B, T)
+        (-(logprobs * weights).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * tokens.numel() / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--latency-iters", type=int, default=200)
+    parser.add_argument("--sft-steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-sft", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from tests.tiny_model import build_tiny_model
+
+    models_dir = Path(tempfile.mkdtemp(prefix="tb-bench-models-"))
+    build_tiny_model(models_dir / "tinkerbell" / "tiny-llama")
+    redis = RedisServer()
+    stack = Stack(redis, 0, models_dir, Path(tempfile.mkdtemp(prefix="tb-bench-data-")), extra_env={"TINKERBELL_AUTH": "off", "OMP_NUM_THREADS": str(args.threads), "TINKERBELL_BASE_MODELS": f"{TINY_MODEL},{SMOL}", "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1")})
+    try:
+        stack.start_worker("bench0")
+        stack.start_api()
+        service, local = latency(stack, models_dir, args.latency_iters)
+        rows = [
+            ("(a) tiny forward_backward round trip, p50 (ms)", statistics.median(local), statistics.median(service), statistics.median(service) - statistics.median(local)),
+            ("(a) tiny forward_backward round trip, p95 (ms)", pct(local, 95), pct(service, 95), pct(service, 95) - pct(local, 95)),
+        ]
+        if not args.skip_sft:
+            data = batch(8, 128, 49152, seed=1)
+            plain = sft_plain_peft(stack, data, args.sft_steps)
+            served = sft_service(stack, data, args.sft_steps)
+            rows.append(("(b) SFT 8x128 SmolLM2, tokens/s", plain, served, served / plain))
+        print()
+        print(f"| measurement | in-process | through the service | service cost |")
+        print("|---|---:|---:|---:|")
+        for name, a, b, c in rows:
+            cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"
+            print(f"| {name} | {a:.2f} | {b:.2f} | {cost} |")
+        print(f"\n{os.cpu_count()} CPU cores, torch threads {args.threads}, latency iters {args.latency_iters}, SFT steps {args.sft_steps}")
+    finally:
+        stack.stop()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main()
