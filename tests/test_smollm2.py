@@ -23,8 +23,7 @@ def test_smollm2_sft_steps_and_greedy_sample(smol_stack):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL, Settings.from_env(smol_stack.env)))
     tb = TinkerbellClient(smol_stack.url, api_key="tml-x")
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = [int(t) for t in tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
     answer = tb.sample(prompt, base_model=DEFAULT_MODEL, max_tokens=12, temperature=0.0).result(300)
     assert "Paris" in tokenizer.decode(answer["sequences"][0]["tokens"])
 
