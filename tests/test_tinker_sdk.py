@@ -210,6 +210,8 @@ def test_rest_client_lists_and_deletes_and_the_cli_lists_and_downloads(stack, se
     listing = subprocess.run([*cli, "list", "--run-id", tc.model_id], env=env, check=False, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert keep in listing.stdout
+    runs = subprocess.run([sys.executable, "-m", "tinker.cli", "--format", "json", "run", "list"], env=env, check=False, capture_output=True, text=True, timeout=120)
+    assert runs.returncode == 0 and tc.model_id in runs.stdout, runs.stderr
     download = subprocess.run([*cli, "download", keep, "--output", str(tmp_path)], env=env, check=False, capture_output=True, text=True, timeout=300)
     assert download.returncode == 0, download.stdout + download.stderr
     files = {p.name for p in tmp_path.rglob("*") if p.is_file()}
