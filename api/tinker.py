@@ -19,7 +19,7 @@ from api.native import body, required, service
 from api.service import NAME_RE
 from api.tinker_rest import rest_bp
 from core.errors import UserError
-from core.registry import Registry
+from core.registry import P, Registry
 
 bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
 bp.register_blueprint(rest_bp)
@@ -309,7 +309,7 @@ def create_sampling_session():
     sampler_id = f"{session_id}:sample:{seq}"
     model_path = payload.get("model_path")
     base_model, adapter_dir = service().sampler_target(g.owner, payload.get("base_model"), model_path)
-    if registry().redis.exists(f"tb:sampler:{sampler_id}"):
+    if registry().redis.exists(f"{P}sampler:{sampler_id}"):
         registry().sampler(sampler_id, g.owner)  # a re-send answers the same id; another key's is NotFound
     else:
         registry().create_sampler(sampler_id, g.owner, session_id, base_model, model_path, adapter_dir)
