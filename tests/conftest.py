@@ -57,3 +57,7 @@ def make_stack(redis_server, models_dir, tmp_path_factory):
 def stack(make_stack) -> Stack:
     """The shared single-worker stack most tests use (auth off: any tml- key)."""
     return make_stack(1, {"TINKERBELL_AUTH": "off"})
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "smollm2: uses the real SmolLM2 default model (slower)")
