@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.stackutil import RedisServer, Stack  # noqa: E402
+from tests.stackutil import TINY_MODEL, RedisServer, Stack  # noqa: E402
 
 _dbs = itertools.count(1)
 
@@ -28,9 +28,20 @@ def redis_server():
 def models_dir() -> Path:
     from tests.tiny_model import build_tiny_model
 
-    root = Path(os.environ.get("TINKERBELL_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="tb-models-"))
+    root = Path(os.environ.get("TINKERBELL_TEST_MODELS_DIR") or tempfile.mkdtemp(prefix="tb-models-")) / "models"
     build_tiny_model(root / "tinkerbell" / "tiny-llama")
     return root
+
+
+def share_converted_model(name: str, models_dir: Path) -> None:
+    """Convert a packaged model (SmolLM2's GGUF) once per session, where every stack's resolver finds it first."""
+    from backends.models import convert_packaged_model
+    from core.settings import Settings
+
+    link = models_dir / name.replace("/", "--")
+    if not link.exists():
+        converted = convert_packaged_model(name, Settings.from_env({"TINKERBELL_DATA_DIR": str(models_dir.parent / "converted")}))
+        link.symlink_to(converted, target_is_directory=True)
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +53,8 @@ def make_stack(redis_server, models_dir, tmp_path_factory):
         stack = Stack(redis_server, next(_dbs), models_dir, tmp_path_factory.mktemp("data"), extra_env=dict(extra_env or {}))
         if base_model:
             stack.base_model = base_model
+            if base_model != TINY_MODEL:
+                share_converted_model(base_model, models_dir)
         stacks.append(stack)
         for i in range(workers):
             stack.start_worker(f"w{i}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tinker_cookbook")
+import tinker_cookbook  # noqa: F401  (installed from requirements-nodeps.txt; a missing cookbook fails, never skips)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ROOT = Path(__file__).resolve().parent.parent
