@@ -155,6 +155,7 @@ class Registry:
             return
         self._put(f"model:{model_id}", {"deleted": True, "status": "removed"})
         self.redis.srem(P + f"worker:{record['worker']}:adapters", model_id)
+        self.redis.zrem(P + f"owner:{record['owner']}:models", model_id)  # listings show live runs only
 
     def list_models(self, owner: str, offset: int = 0, limit: int = 100) -> tuple[list[str], int]:
         key = P + f"owner:{owner}:models"
