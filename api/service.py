@@ -149,7 +149,11 @@ class Service:
             raise UserError("no live worker: start one with `python -m tasks.worker --device cpu` (or cuda:N)")
         request_id = str(uuid.uuid4())
         if not self.registry.create_model(model_id, owner, session_id, base_model, asdict(spec), worker, user_metadata):
+            existing = self.registry.model(model_id, owner)
+            if existing.get("create_request_id") and existing["base_model"] == base_model and existing["lora"] == asdict(spec):
+                return model_id, existing["create_request_id"]  # a re-sent create (lost response): same future
             raise UserError(f"model_seq_id: model {model_id} already exists in this session")
+        self.registry.update_model(model_id, create_request_id=request_id)
         self.registry.record_future(request_id, owner, "create_model", model_id)
         kwargs = {"model_id": model_id, "base_model": base_model, "lora": asdict(spec), "load_path": (load or {}).get("dir"), "with_optimizer": bool((load or {}).get("with_optimizer"))}
         self.publish("tinkerbell.create_adapter", kwargs, worker_queue(worker), request_id, {"model_id": model_id, "base_model": base_model, "rank": spec.rank})
