@@ -315,3 +315,15 @@ def test_example_script_runs_with_the_documented_tokenizer_install(stack, tmp_pa
     run = subprocess.run([sys.executable, str(root / "examples" / "tinker_sdk_example.py")], cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "step 2: loss" in run.stdout and "sample:" in run.stdout
+
+
+def test_resent_create_model_answers_with_the_same_future(stack, service):
+    headers = {"X-API-Key": KEY}
+    session_id = requests.post(stack.url + "/api/v1/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}, headers=headers, timeout=10).json()["session_id"]
+    create = {"session_id": session_id, "model_seq_id": 0, "base_model": TINY_MODEL, "lora_config": {"rank": 4}, "type": "create_model"}
+    first = requests.post(stack.url + "/api/v1/create_model", json=create, headers=headers, timeout=10)
+    again = requests.post(stack.url + "/api/v1/create_model", json=create, headers=headers, timeout=10)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["request_id"] == again.json()["request_id"]
+    different = requests.post(stack.url + "/api/v1/create_model", json={**create, "lora_config": {"rank": 8}}, headers=headers, timeout=10)
+    assert different.status_code == 400 and "model_seq_id" in different.json()["error"]
