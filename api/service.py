@@ -19,7 +19,8 @@ from backends.models import is_known_model
 from core.errors import NotFound, UserError
 from core.registry import Registry
 from core.settings import Settings
-from tasks.celery_app import adapter_queue, app as celery_app, sample_queue, worker_queue
+from tasks.celery_app import adapter_queue, sample_queue, worker_queue
+from tasks.celery_app import app as celery_app
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")

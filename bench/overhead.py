@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from client import TinkerbellClient  # noqa: E402
-from tests.stackutil import TINY_MODEL, RedisServer, Stack  # noqa: E402
+from client import TinkerbellClient
+from tests.stackutil import TINY_MODEL, RedisServer, Stack
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -153,7 +153,7 @@ def main() -> None:
             served = sft_service(stack, data, args.sft_steps)
             rows.append(("(b) SFT 8x128 SmolLM2, tokens/s", plain, served, served / plain))
         print()
-        print(f"| measurement | in-process | through the service | service cost |")
+        print("| measurement | in-process | through the service | service cost |")
         print("|---|---:|---:|---:|")
         for name, a, b, c in rows:
             cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"

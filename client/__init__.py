@@ -8,7 +8,16 @@
 
 from typing import Any
 
-from client.client import APIError, AuthError, Future, NotFoundError, RequestFailed, ServerError, TinkerbellClient, UserInputError
+from client.client import (
+    APIError,
+    AuthError,
+    Future,
+    NotFoundError,
+    RequestFailed,
+    ServerError,
+    TinkerbellClient,
+    UserInputError,
+)
 from client.custom_loss import custom_loss
 
 __all__ = ["APIError", "AuthError", "Future", "LossFnOutput", "NotFoundError", "RequestFailed", "ServerError", "TinkerbellClient", "UserInputError", "custom_loss"]

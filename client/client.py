@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import requests
 
@@ -54,7 +55,7 @@ def _raise_for(response: requests.Response) -> None:
 class Future:
     """A request the service accepted; `.result()` long-polls /retrieve_future until it finishes."""
 
-    def __init__(self, client: "TinkerbellClient", request_id: str, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, client: TinkerbellClient, request_id: str, extra: dict[str, Any] | None = None) -> None:
         self.client = client
         self.request_id = request_id
         self.extra = extra or {}

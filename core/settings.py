@@ -49,7 +49,7 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"env": "TINKERBELL_LOG_LEVEL", "help": "Log level of every component."})
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):

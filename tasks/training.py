@@ -10,8 +10,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
 from core.errors import NotFound, UserError

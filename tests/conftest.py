@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.stackutil import TINY_MODEL, RedisServer, Stack  # noqa: E402
+from tests.stackutil import TINY_MODEL, RedisServer, Stack
 
 _dbs = itertools.count(1)
 

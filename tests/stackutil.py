@@ -117,8 +117,8 @@ class Stack:
         return Registry(Settings.from_env(self.env))
 
     def start_worker(self, name: str, wait: bool = True) -> subprocess.Popen:
-        log = open(self.data_dir / f"worker-{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.data_dir / f"worker-{name}.log", "ab") as log:  # the child keeps its own copy of the fd
+            proc = subprocess.Popen([sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[f"worker-{name}"] = proc
         if wait:
             registry = self.registry()
@@ -134,8 +134,8 @@ class Stack:
     def start_api(self) -> None:
         self.port = free_port()
         env = {**self.env, "TINKERBELL_PORT": str(self.port), "TINKERBELL_POLL_TIMEOUT_S": self.extra_env.get("TINKERBELL_POLL_TIMEOUT_S", "5")}
-        log = open(self.data_dir / "api.log", "ab")
-        self.procs["api"] = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.data_dir / "api.log", "ab") as log:
+            self.procs["api"] = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: _http_ok(self.url + "/healthz") or self.procs["api"].poll() is not None, 60, "api")
         if self.procs["api"].poll() is not None:
             raise RuntimeError("api exited: " + (self.data_dir / "api.log").read_text()[-3000:])

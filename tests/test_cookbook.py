@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import tinker_cookbook  # noqa: F401  (installed from requirements-nodeps.txt; a missing cookbook fails, never skips)
+import tinker_cookbook
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +58,6 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_supervised_trainer_runs_ten_steps_with_saves_and_sampler_nll_eval(smol, tmp_path):
-    import tinker_cookbook
 
     stack, env = smol
     (tmp_path / "sl_train.py").write_text(SL_WRAPPER)
