@@ -195,6 +195,7 @@ def test_flower_lists_readable_tasks_without_arrays(stack: Stack, trained: dict,
         assert len(task["kwargs"]) < 300, task["kwargs"]
         assert '"batch": "2x10"' in task["kwargs"] and "model_input" not in task["kwargs"] and "data" not in task["kwargs"]
         assert task["args"] == "()"
+        assert "\\x" not in (task.get("result") or ""), task["result"]  # results are shortened too: no raw bytes
     workers = requests.get(flower + "/api/workers", auth=("ops", "secret"), timeout=10).json()
     assert node_name("w0") in workers
 
