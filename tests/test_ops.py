@@ -245,3 +245,19 @@ def _scrape_url(url: str) -> dict:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def test_demo_fine_tunes_through_the_sdk(stack: Stack, tmp_path: Path) -> None:
+    """examples/demo.py end to end on the tiny model against the running stack: samples, progress bar, loss PNG."""
+    plot = tmp_path / "loss.png"
+    env = {**stack.env, "HF_HOME": str(tmp_path / "hf"), "TINKER_TELEMETRY": "0"}
+    done = subprocess.run(
+        [sys.executable, "examples/demo.py", "--url", stack.url, "--base-model", stack.base_model, "--steps", "3", "--batch-size", "2", "--plot", str(plot)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "before training  Q: What is the capital of France?" in done.stdout
+    assert "after training   Q: What is the capital of France?" in done.stdout
+    assert re.search(r"loss \d+\.\d+ -> \d+\.\d+ over 3 steps", done.stdout)
+    assert re.search(r"3/3 \[.*loss=\d+\.\d+, tok_s=\d+", done.stderr)  # tqdm writes the bar to stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
