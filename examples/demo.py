@@ -166,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-port", type=int, default=None, help="start (or reuse) Redis on this port (default: TINKERBELL_BROKER_URL)")
     parser.add_argument("--workers", type=int, default=None, help="workers: one per GPU by default, else one CPU worker")
     parser.add_argument("--cpu", action="store_true", help="CPU workers even when GPUs are present")
+    parser.add_argument("--flower-port", type=int, default=None, help="Flower port of the demo stack (default TINKERBELL_FLOWER_PORT or 5555)")
     parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting the local stack (logs: {log_path.relative_to(REPO_ROOT)}; the first start converts the model, ~30 s) …")
         environ = {**os.environ, "TINKERBELL_AUTH": "off", "TINKERBELL_BASE_MODEL": args.base_model}
         try:
-            stack = stacklib.start_stack(workers=args.workers, cpu=args.cpu, port=args.port, redis_port=args.redis_port, flower=not args.no_flower, environ=environ, log_path=log_path, echo=None)
+            stack = stacklib.start_stack(workers=args.workers, cpu=args.cpu, port=args.port, redis_port=args.redis_port, flower=not args.no_flower, flower_port=args.flower_port, environ=environ, log_path=log_path, echo=None)
         except stacklib.StackError as exc:
             print(f"could not start the stack: {exc}", file=sys.stderr)
             if log_path.exists():
