@@ -22,6 +22,7 @@ from core.settings import Settings
 P = "tb:"  # every registry key starts with this
 LOCAL_OWNER = "local"  # owner of everything when TINKERBELL_AUTH=off
 PENDING_FUTURES = P + "futures:pending"  # zset request_id -> created; done ones are pruned when read
+PENDING_FUTURES_MAX = 100_000
 
 
 def hash_key(api_key: str) -> str:
@@ -200,6 +201,7 @@ class Registry:
         self.redis.hset(key, mapping={"owner": _dumps(owner), "kind": _dumps(kind), "model_id": _dumps(model_id), "created": _dumps(time.time())})
         self.redis.expire(key, ttl_s)
         self.redis.zadd(PENDING_FUTURES, {request_id: time.time()})  # api/ops.py settles it for /metrics
+        self.redis.zremrangebyrank(PENDING_FUTURES, 0, -PENDING_FUTURES_MAX - 1)  # bounded even if nobody scrapes
 
     def future(self, request_id: str, owner: str) -> dict[str, Any]:
         return self._owned("future", request_id, owner, "request_id")
