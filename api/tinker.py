@@ -1,7 +1,7 @@
 """The Tinker face: `/api/v1/...` as the official `tinker` SDK 0.38 speaks it (JSON, plus protobuf for fwd/bwd).
 
 Each route translates the SDK's request into the same Service call the native face makes (one code path);
-REST listing and checkpoint downloads live in api.tinker_rest. See the wire notes in docs/tinker.md.
+REST listing and checkpoint downloads live in api.tinker_rest. See the wire notes in README.md, "Use it with the Tinker SDK".
 """
 
 from __future__ import annotations
