@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,8 +37,12 @@ def _require_adapter(model_id: str) -> None:
         raise NotFound(f"model_id: no adapter '{model_id}' on worker {runtime.name}")
 
 
-def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Apply `work` at most once per (model_id, seq_id); a redelivered message returns the stored result."""
+def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[str, Any]], leaves_autosave_running: bool = False) -> dict[str, Any]:
+    """Apply `work` at most once per (model_id, seq_id); a redelivered message returns the stored result.
+
+    The adapter's background autosave (started by the optim_step before) overlaps `work`, and is finished
+    before this request's result is published: once any later result is visible, the step is on disk.
+    """
     meta = app.backend.get_task_meta(task.request.id)
     if meta.get("status") == "SUCCESS":
         return meta["result"]
@@ -46,6 +51,8 @@ def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[
         raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped")
     _require_adapter(model_id)
     result = work()
+    if not leaves_autosave_running:
+        autosaver.wait(model_id)
     fields: dict[str, Any] = {"last_request_time": time.time()}
     if seq_id is not None:
         fields["applied_seq"] = seq_id
@@ -53,17 +60,51 @@ def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[
     return result
 
 
-def _autosave(model_id: str) -> None:
-    """Keep the latest state on disk so a restarted worker restores the adapter (nothing lost)."""
-    if not runtime.settings.autosave:
-        return
+def _write_autosave(model_id: str) -> None:
     target = autosave_dir(model_id)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     runtime.training.save_state(model_id, str(tmp), True)
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    os.replace(tmp, target)  # a crash mid-write leaves the previous autosave whole
+
+
+class Autosaver:
+    """Keeps each adapter's latest state on disk so a restarted worker restores it (nothing lost).
+
+    Writes run in a background thread so training does not wait for the disk: forward/backward only reads the
+    weights and may overlap the write; whatever changes weights or optimizer state waits for it first.
+    """
+
+    def __init__(self) -> None:
+        self._writes: dict[str, threading.Thread] = {}
+        self._errors: dict[str, BaseException] = {}
+
+    def start(self, model_id: str) -> None:
+        if not runtime.settings.autosave:
+            return
+        self.wait(model_id)
+        thread = threading.Thread(target=self._run, args=(model_id,), name=f"autosave {model_id}")
+        self._writes[model_id] = thread
+        thread.start()
+
+    def _run(self, model_id: str) -> None:
+        try:
+            _write_autosave(model_id)
+        except Exception as exc:  # noqa: BLE001 - a thread must not die silently; wait() reports it on the task thread
+            self._errors[model_id] = exc
+
+    def wait(self, model_id: str) -> None:
+        thread = self._writes.pop(model_id, None)
+        if thread is not None:
+            thread.join()
+        error = self._errors.pop(model_id, None)
+        if error is not None:
+            log.error("autosave of %s failed: %r", model_id, error)
+
+
+autosaver = Autosaver()
 
 
 def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
@@ -88,13 +129,15 @@ def create_adapter(self: Any, model_id: str, base_model: str, lora: dict[str, An
     runtime.serve_base_model(base_model)
     runtime.own_adapter(model_id)
     runtime.registry.update_model(model_id, status="ready")
-    _autosave(model_id)
+    autosaver.start(model_id)
+    autosaver.wait(model_id)
     return {"model_id": model_id}
 
 
 @app.task(name="tinkerbell.remove_adapter", bind=True, throws=(UserError,))
 def remove_adapter(self: Any, model_id: str, seq_id: int | None = None) -> dict[str, Any]:
     """Runs in order after everything queued before it on the adapter's queue, then stops that queue."""
+    autosaver.wait(model_id)
     if runtime.training.has_adapter(model_id):
         runtime.training.remove_adapter(model_id)
     runtime.release_adapter(model_id)
@@ -130,11 +173,12 @@ def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[di
 @app.task(name="tinkerbell.optim_step", bind=True, throws=(UserError,))
 def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -> dict[str, Any]:
     def work() -> dict[str, Any]:
+        autosaver.wait(model_id)
         metrics = runtime.training.optim_step(model_id, AdamSpec(**adam_params))
-        _autosave(model_id)
+        autosaver.start(model_id)  # overlaps the next request; finished before that request's result is published
         return {"metrics": metrics}
 
-    return _once(self, model_id, seq_id, work)
+    return _once(self, model_id, seq_id, work, leaves_autosave_running=True)
 
 
 @app.task(name="tinkerbell.save_state", bind=True, throws=(UserError,))
@@ -180,8 +224,9 @@ def load_state(self: Any, model_id: str, seq_id: int | None, directory: str, wit
     def work() -> dict[str, Any]:
         if not Path(directory).exists():
             raise UserError(f"path: checkpoint '{path}' has no files (was it deleted?)")
+        autosaver.wait(model_id)
         runtime.training.load_state(model_id, directory, with_optimizer)
-        _autosave(model_id)
+        autosaver.start(model_id)
         return {"path": path, "model_id": model_id}
 
     return _once(self, model_id, seq_id, work)
