@@ -96,9 +96,9 @@ class Service:
         request_id = str(uuid.uuid4())
         with self.registry.seq_lock(model_id):
             answer_id, ready = self.registry.sequence(model_id, seq_id, request_id, {"task": task, "kwargs": kwargs, "request_id": request_id, "summary": summary})
-            if answer_id == request_id:
-                self.registry.record_future(request_id, owner, kind, model_id)
             self._publish_ready(model_id, ready)
+        if answer_id == request_id:
+            self.registry.record_future(request_id, owner, kind, model_id)
         return answer_id
 
     def _publish_ready(self, model_id: str, ready: list[dict[str, Any]]) -> None:

@@ -53,6 +53,36 @@ def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
+# KEYS: ids hash (seq -> request id), admitted zset, pending hash (seq -> payload), next counter.
+# ARGV: seq_id ("" = next after all admitted), request_id, payload.
+# Returns {request id to answer with, first released seq, released payloads...}.
+_ADMIT_LUA = """
+local nxt = tonumber(redis.call('GET', KEYS[4]) or '1')
+local seq = ARGV[1]
+if seq == '' then
+  local top = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local highest = 0
+  if top[2] then highest = tonumber(top[2]) end
+  seq = tostring(math.max(highest + 1, nxt))
+end
+local existing = redis.call('HGET', KEYS[1], seq)
+if existing then return {existing, nxt} end
+redis.call('HSET', KEYS[1], seq, ARGV[2])
+redis.call('ZADD', KEYS[2], seq, seq)
+redis.call('HSET', KEYS[3], seq, ARGV[3])
+local out = {ARGV[2], nxt}
+while true do
+  local raw = redis.call('HGET', KEYS[3], tostring(nxt))
+  if not raw then break end
+  table.insert(out, raw)
+  redis.call('HDEL', KEYS[3], tostring(nxt))
+  nxt = nxt + 1
+end
+redis.call('SET', KEYS[4], nxt)
+return out
+"""
+
+
 class Registry:
     """Thin typed access to the registry keys; one instance per process is enough (redis-py pools)."""
 
@@ -198,10 +228,12 @@ class Registry:
     # ---- futures --------------------------------------------------------------------------
     def record_future(self, request_id: str, owner: str, kind: str, model_id: str | None = None, ttl_s: int = 7 * 86400) -> None:
         key = P + f"future:{request_id}"
-        self.redis.hset(key, mapping={"owner": _dumps(owner), "kind": _dumps(kind), "model_id": _dumps(model_id), "created": _dumps(time.time())})
-        self.redis.expire(key, ttl_s)
-        self.redis.zadd(PENDING_FUTURES, {request_id: time.time()})  # api/ops.py settles it for /metrics
-        self.redis.zremrangebyrank(PENDING_FUTURES, 0, -PENDING_FUTURES_MAX - 1)  # bounded even if nobody scrapes
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={"owner": _dumps(owner), "kind": _dumps(kind), "model_id": _dumps(model_id), "created": _dumps(time.time())})
+            pipe.expire(key, ttl_s)
+            pipe.zadd(PENDING_FUTURES, {request_id: time.time()})  # api/ops.py settles it for /metrics
+            pipe.zremrangebyrank(PENDING_FUTURES, 0, -PENDING_FUTURES_MAX - 1)  # bounded even if nobody scrapes
+            pipe.execute()
 
     def future(self, request_id: str, owner: str) -> dict[str, Any]:
         return self._owned("future", request_id, owner, "request_id")
@@ -216,24 +248,17 @@ class Registry:
         Callers must hold `seq_lock(model_id)` so releases are published in order.
         """
         base = P + f"seq:{model_id}"
-        if seq_id is None:
-            seq_id = max(self._max_admitted(base) + 1, int(self.redis.get(base + ":next") or 1))
-        if not self.redis.hsetnx(base + ":ids", str(seq_id), request_id):
-            return self.redis.hget(base + ":ids", str(seq_id)), []
-        self.redis.zadd(base + ":admitted", {str(seq_id): seq_id})
-        self.redis.hset(base + ":pending", str(seq_id), _dumps_payload({**payload, "seq_id": seq_id}))
-        ready = []
-        nxt = int(self.redis.get(base + ":next") or 1)
-        while (raw := self.redis.hget(base + ":pending", str(nxt))) is not None:
-            ready.append(_loads_payload(raw))
-            self.redis.hdel(base + ":pending", str(nxt))
-            nxt += 1
-        self.redis.set(base + ":next", nxt)
-        return request_id, ready
+        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next"]
+        answer = self._admit(keys=keys, args=["" if seq_id is None else str(seq_id), request_id, _dumps_payload(payload)])
+        answer_id, first = answer[0], int(answer[1])
+        return answer_id, [{**_loads_payload(raw), "seq_id": first + i} for i, raw in enumerate(answer[2:])]
 
-    def _max_admitted(self, base: str) -> int:
-        top = self.redis.zrevrange(base + ":admitted", 0, 0, withscores=True)
-        return int(top[0][1]) if top else 0
+    @property
+    def _admit(self):
+        """One round trip, atomic: record the seq_id (or find it was seen), then release the contiguous run."""
+        if not hasattr(self, "_admit_script"):
+            self._admit_script = self.redis.register_script(_ADMIT_LUA)
+        return self._admit_script
 
     def seq_lock(self, model_id: str):
         return self.redis.lock(P + f"seq:{model_id}:lock", timeout=10, blocking_timeout=10)
@@ -281,9 +306,12 @@ class Registry:
 
     def is_known_loss(self, name: str, owner: str) -> bool:
         """Unknown until a worker has published the catalog: then let the worker decide."""
-        if not self.redis.exists(P + "losses:builtin"):
-            return True
-        return bool(self.redis.hexists(P + "losses:builtin", name) or self.redis.hexists(P + f"losses:custom:{owner}", name))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(P + "losses:builtin")
+            pipe.hexists(P + "losses:builtin", name)
+            pipe.hexists(P + f"losses:custom:{owner}", name)
+            catalog, builtin, custom = pipe.execute()
+        return not catalog or bool(builtin or custom)
 
     # ---- counters for /metrics and the status page ----------------------------------------
     def incr_stat(self, name: str, amount: float = 1) -> None:

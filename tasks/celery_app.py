@@ -20,6 +20,7 @@ app.conf.update(
     result_accept_content=["msgpack", "json"],
     task_acks_late=True,  # a crash mid-task leaves the message on the broker, not lost
     task_reject_on_worker_lost=True,
+    worker_deduplicate_successful_tasks=True,  # a redelivered message whose result is stored is not run again
     worker_prefetch_multiplier=1,  # one message at a time keeps each adapter queue's FIFO order
     task_create_missing_queues=True,
     task_default_queue="tinkerbell.default",

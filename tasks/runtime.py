@@ -26,6 +26,7 @@ class Runtime:
         self._training: Any = None
         self._sampling: Any = None
         self.sample_queues: set[str] = set()
+        self.applied_seq: dict[str, int] = {}  # model_id -> last seq_id applied here (mirrors the registry)
 
     @property
     def training(self) -> Any:

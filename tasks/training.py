@@ -38,24 +38,24 @@ def _require_adapter(model_id: str) -> None:
 
 
 def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[str, Any]], leaves_autosave_running: bool = False) -> dict[str, Any]:
-    """Apply `work` at most once per (model_id, seq_id); a redelivered message returns the stored result.
+    """Apply `work` at most once per (model_id, seq_id). A message redelivered after its result was stored is
+    skipped by Celery itself (worker_deduplicate_successful_tasks); one applied but without a result fails.
 
     The adapter's background autosave (started by the optim_step before) overlaps `work`, and is finished
     before this request's result is published: once any later result is visible, the step is on disk.
     """
-    meta = app.backend.get_task_meta(task.request.id)
-    if meta.get("status") == "SUCCESS":
-        return meta["result"]
-    record = runtime.registry.model_any(model_id) or {}
-    if seq_id is not None and seq_id <= int(record.get("applied_seq", 0)):
-        raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped")
+    if seq_id is not None:
+        if model_id not in runtime.applied_seq:  # first touch in this process: the registry knows what was applied
+            runtime.applied_seq[model_id] = int((runtime.registry.model_any(model_id) or {}).get("applied_seq", 0))
+        if seq_id <= runtime.applied_seq[model_id]:
+            raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped")
     _require_adapter(model_id)
     result = work()
     if not leaves_autosave_running:
         autosaver.wait(model_id)
     fields: dict[str, Any] = {"last_request_time": time.time()}
     if seq_id is not None:
-        fields["applied_seq"] = seq_id
+        fields["applied_seq"] = runtime.applied_seq[model_id] = seq_id
     runtime.registry.update_model(model_id, **fields)
     return result
 
