@@ -135,7 +135,9 @@ class Stack:
         self.port = free_port()
         env = {**self.env, "TINKERBELL_PORT": str(self.port), "TINKERBELL_POLL_TIMEOUT_S": self.extra_env.get("TINKERBELL_POLL_TIMEOUT_S", "5")}
         with open(self.data_dir / "api.log", "ab") as log:
-            self.procs["api"] = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # The production server (gunicorn, gthread), as docker compose and the local stack run it.
+            command = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn_conf.py"), "--workers", "1", "api:create_app()"]
+            self.procs["api"] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: _http_ok(self.url + "/healthz") or self.procs["api"].poll() is not None, 60, "api")
         if self.procs["api"].poll() is not None:
             raise RuntimeError("api exited: " + (self.data_dir / "api.log").read_text()[-3000:])
