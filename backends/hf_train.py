@@ -205,13 +205,15 @@ class HFTrainingBackend:
             base.activate(adapter.name, trainable=True)
             attention = None if min(lengths) == width else mask
             logits = base.model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, L, V)
-            logprobs: list[torch.Tensor] = []
-            for i, n in enumerate(lengths):
-                row = logits[i, :n].float()  # (N, V); position j predicts target j (caller already shifted)
-                target = p.targets[i]
-                picked = row.gather(-1, target.reshape(n, -1))  # (N, K') with K' = 1 or K
-                lp = picked - torch.logsumexp(row, dim=-1, keepdim=True)  # log_softmax without a (N, V) copy
-                logprobs.append(lp.reshape(target.shape))  # (N,) or (N, K)
+            # One gather and one logsumexp over the whole batch: slicing (B, L, V) per datum would make autograd
+            # allocate a zero (B, L, V) gradient per datum on the way back (measured: ~30% of an SmolLM2 step).
+            widths = [1 if t.dim() == 1 else int(t.shape[1]) for t in p.targets]
+            index = torch.zeros((batch, width, max(widths)), dtype=torch.int64, device=self.device)  # (B, L, K)
+            for i, (n, target) in enumerate(zip(lengths, p.targets)):
+                index[i, :n, : widths[i]] = target.reshape(n, widths[i])
+            logits = logits.float()  # (B, L, V); position j predicts target j (the caller already shifted)
+            lp_all = logits.gather(-1, index) - torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, L, K), log_softmax without a (B, L, V) copy
+            logprobs = [lp_all[i, :n, : widths[i]].reshape(p.targets[i].shape) for i, n in enumerate(lengths)]  # (N,) or (N, K)
             loss, metrics = compute_loss(p.request.loss_fn, logprobs, p.inputs, p.request.loss_fn_config or {})
             if not p.request.forward_only and loss.requires_grad:
                 loss.backward()
