@@ -81,21 +81,9 @@ def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], li
     return service, local
 
 
-def sft_service(stack: Stack, data: list[dict], steps: int) -> float:
-    tb = TinkerbellClient(stack.url, api_key="tml-bench")
-    model_id = tb.add_lora(base_model=SMOL, rank=16, seed=0, train_unembed=False).result(600)["model_id"]  # same modules as all-linear
-    tb.forward_backward(model_id, data).result(600)  # warm-up step
-    tb.optim_step(model_id, learning_rate=1e-4).result(600)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fb = tb.forward_backward(model_id, data)
-        opt = tb.optim_step(model_id, learning_rate=1e-4)  # pipelined: queued behind fwd/bwd, as the SDK does
-        fb.result(600), opt.result(600)
-    return steps * sum(len(d["model_input"]) for d in data) / (time.perf_counter() - t0)
-
-
-def sft_plain_peft(stack: Stack, data: list[dict], steps: int) -> float:
-    """A plain transformers + PEFT + AdamW loop in this process: no Tinkerbell code on the hot path."""
+def sft_steps(stack: Stack, data: list[dict], steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per SFT step, in-process plain PEFT and through the service, alternating step by step so that
+    drift in the machine's speed (other processes, thermal) falls on both alike."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -103,24 +91,36 @@ def sft_plain_peft(stack: Stack, data: list[dict], steps: int) -> float:
     from backends.models import resolve_model_dir
     from core.settings import Settings
 
+    # A plain transformers + PEFT + AdamW loop in this process: no Tinkerbell code on its hot path.
     path = resolve_model_dir(SMOL, Settings.from_env(stack.env))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
     tokens = torch.tensor([d["model_input"] for d in data])  # (B, T)
     targets = torch.tensor([d["loss_fn_inputs"]["target_tokens"] for d in data])  # (B, T)
     weights = torch.tensor([d["loss_fn_inputs"]["weights"] for d in data])  # (B, T)
 
-    def step() -> None:
+    def plain_step() -> None:
         logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), -1).gather(-1, targets[..., None])[..., 0]  # (B, T)
         (-(logprobs * weights).sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
 
-    step()
-    t0 = time.perf_counter()
+    tb = TinkerbellClient(stack.url, api_key="tml-bench")
+    model_id = tb.add_lora(base_model=SMOL, rank=16, seed=0, train_unembed=False).result(600)["model_id"]  # same modules as all-linear
+
+    def service_step() -> None:
+        fb = tb.forward_backward(model_id, data)
+        opt = tb.optim_step(model_id, learning_rate=1e-4)  # pipelined: queued behind fwd/bwd, as the SDK does
+        fb.result(600), opt.result(600)
+
+    plain_step(), service_step()  # warm-up
+    plain, served = [], []
     for _ in range(steps):
-        step()
-    return steps * tokens.numel() / (time.perf_counter() - t0)
+        for step, times in ((plain_step, plain), (service_step, served)):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return plain, served
 
 
 def main() -> None:
@@ -149,9 +149,10 @@ def main() -> None:
         ]
         if not args.skip_sft:
             data = batch(8, 128, 49152, seed=1)
-            plain = sft_plain_peft(stack, data, args.sft_steps)
-            served = sft_service(stack, data, args.sft_steps)
-            rows.append(("(b) SFT 8x128 SmolLM2, tokens/s", plain, served, served / plain))
+            plain, served = sft_steps(stack, data, args.sft_steps)
+            tokens = sum(len(d["model_input"]) for d in data)
+            plain_tps, served_tps = tokens / statistics.median(plain), tokens / statistics.median(served)
+            rows.append(("(b) SFT 8x128 SmolLM2, tokens/s (median step)", plain_tps, served_tps, served_tps / plain_tps))
         print()
         print("| measurement | in-process | through the service | service cost |")
         print("|---|---:|---:|---:|")
