@@ -214,9 +214,18 @@ def save_state(self: Any, model_id: str, seq_id: int | None, name: str, kind: st
         runtime.registry.update_model(model_id, **update)
         if sampler_id is not None:
             runtime.registry.create_sampler(sampler_id, record.get("owner"), record.get("session_id"), record.get("base_model"), path, str(target))
+            _prune_ephemeral(model_id)
         return {"path": path, "size_bytes": size, "sampling_session_id": sampler_id}
 
     return _once(self, model_id, seq_id, work)
+
+
+def _prune_ephemeral(model_id: str) -> None:
+    """An RL loop makes a sampler snapshot every step; keep the newest few so the disk does not fill up."""
+    ephemeral = [c for c in runtime.registry.checkpoints(model_id) if c.get("ephemeral")]  # oldest first
+    for checkpoint in ephemeral[: max(0, len(ephemeral) - runtime.settings.ephemeral_keep)]:
+        runtime.registry.delete_checkpoint(model_id, checkpoint["checkpoint_id"])
+        shutil.rmtree(checkpoint["dir"], ignore_errors=True)
 
 
 @app.task(name="tinkerbell.load_state", bind=True, throws=(UserError,))

@@ -327,3 +327,15 @@ def test_resent_create_model_answers_with_the_same_future(stack, service):
     assert first.json()["request_id"] == again.json()["request_id"]
     different = requests.post(stack.url + "/api/v1/create_model", json={**create, "lora_config": {"rank": 8}}, headers=headers, timeout=10)
     assert different.status_code == 400 and "model_seq_id" in different.json()["error"]
+
+
+def test_ephemeral_sampler_snapshots_are_pruned_to_the_newest_few(stack, service):
+    tc = new_client(service, seed=8)
+    samplers = [tc.save_weights_and_get_sampling_client().result(timeout=60) for _ in range(10)]
+    kept = sorted((stack.data_dir / "checkpoints" / tc.model_id / "sampler_weights").iterdir())
+    assert len(kept) == 8  # TINKERBELL_EPHEMERAL_KEEP default
+    prompt = tinker.ModelInput.from_ints([1, 2, 3])
+    result = samplers[-1].sample(prompt, 1, types.SamplingParams(max_tokens=2, temperature=0.0)).result(timeout=60)
+    assert len(result.sequences[0].tokens) >= 1
+    with pytest.raises(tinker.RequestFailedError, match="model_path"):
+        samplers[0].sample(prompt, 1, types.SamplingParams(max_tokens=2, temperature=0.0)).result(timeout=60)
