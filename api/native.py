@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from api.auth import public
-from api.futures import PENDING, error_body, wait_result
+from api.futures import PENDING, error_body
 from api.jsonwire import datums_from_json, result_json, tokens_from_json
 from api.service import Service
 from core.errors import UserError
@@ -149,8 +149,8 @@ def asample():
     return jsonify(request_id=request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(num_samples)])
 
 
-def _answer(request_id: str, kind: str, timeout_s: float):
-    outcome = wait_result(None, request_id, timeout_s)
+def _answer(request_id: str, kind: str, timeout_s: float, future: dict[str, Any] | None = None):
+    outcome = service().poll(future or {}, request_id, timeout_s)
     if outcome is PENDING:
         return jsonify(type="try_again", request_id=request_id, queue_state="active")
     state, result = outcome
@@ -165,4 +165,4 @@ def retrieve_future():
     request_id = required(payload, "request_id")
     future = current_app.config["REGISTRY"].future(request_id, g.owner)
     timeout_s = min(float(payload.get("timeout", current_app.config["SETTINGS"].poll_timeout_s)), 60.0)
-    return _answer(request_id, future["kind"], timeout_s)
+    return _answer(request_id, future["kind"], timeout_s, future)

@@ -14,6 +14,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from api.custom_losses import resolve_custom_loss
+from api.futures import PENDING, wait_result
 from backends.base import AdamSpec, LoraSpec, SamplingSpec
 from backends.models import is_known_model
 from core.errors import NotFound, UserError
@@ -22,6 +23,7 @@ from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue, worker_queue
 from tasks.celery_app import app as celery_app
 
+EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiting for
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 
@@ -97,6 +99,8 @@ class Service:
         with self.registry.seq_lock(model_id):
             answer_id, ready = self.registry.sequence(model_id, seq_id, request_id, {"task": task, "kwargs": kwargs, "request_id": request_id, "summary": summary})
             self._publish_ready(model_id, ready)
+        if answer_id.startswith(EXPIRED):
+            raise UserError(f"seq_id {seq_id}: arrived after {model_id}'s later requests waited {self.settings.seq_gap_timeout_s:g} s for it and ran without it")
         if answer_id == request_id:
             self.registry.record_future(request_id, owner, kind, model_id)
         return answer_id
@@ -120,6 +124,23 @@ class Service:
         with self.registry.seq_lock(model_id):
             _, ready = self.registry.sequence(model_id, seq_id, f"refused-{uuid.uuid4()}", {"skip": True})
             self._publish_ready(model_id, ready)
+
+    def release_stalled(self, model_id: str) -> None:
+        """Requests held behind a seq_id that never came (a client gave up on it) run without it after a timeout."""
+        missing = self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s)
+        if not missing:
+            return
+        with self.registry.seq_lock(model_id):
+            for seq_id in missing:
+                _, ready = self.registry.sequence(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", {"skip": True})
+                self._publish_ready(model_id, ready)
+
+    def poll(self, future: dict[str, Any], request_id: str, timeout_s: float) -> Any:
+        """Long-poll one future (api.futures.wait_result); a pending ordered request may be stalled behind a gap."""
+        outcome = wait_result(None, request_id, timeout_s)
+        if outcome is PENDING and future.get("model_id"):
+            self.release_stalled(future["model_id"])
+        return outcome
 
     # ---- sessions and models --------------------------------------------------------------
     def check_base_model(self, base_model: str | None) -> str:

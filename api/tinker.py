@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from api import proto
-from api.futures import PENDING, error_body, wait_result
+from api.futures import PENDING, error_body
 from api.jsonwire import result_json
 from api.native import body, required, service
 from api.service import NAME_RE
@@ -329,7 +329,7 @@ def retrieve_future():
     payload = body()
     request_id = required(payload, "request_id")
     future = registry().future(request_id, g.owner)
-    outcome = wait_result(None, request_id, current_app.config["SETTINGS"].poll_timeout_s)
+    outcome = service().poll(future, request_id, current_app.config["SETTINGS"].poll_timeout_s)
     if outcome is PENDING:
         return jsonify(type="try_again", request_id=request_id, queue_state="active")
     state, result = outcome

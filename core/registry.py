@@ -251,7 +251,24 @@ class Registry:
         keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next"]
         answer = self._admit(keys=keys, args=["" if seq_id is None else str(seq_id), request_id, _dumps_payload(payload)])
         answer_id, first = answer[0], int(answer[1])
-        return answer_id, [{**_loads_payload(raw), "seq_id": first + i} for i, raw in enumerate(answer[2:])]
+        released = [{**_loads_payload(raw), "seq_id": first + i} for i, raw in enumerate(answer[2:])]
+        if answer_id == request_id and not released:  # held behind a gap: remember since when
+            self.redis.hsetnx(base + ":held_since", "t", time.time())
+        elif released:
+            self.redis.delete(base + ":held_since")
+        return answer_id, released
+
+    def stalled_gap(self, model_id: str, older_than_s: float) -> list[int]:
+        """seq_ids missing in front of requests held longer than older_than_s (empty when nothing is stalled)."""
+        base = P + f"seq:{model_id}"
+        since = self.redis.hget(base + ":held_since", "t")
+        if since is None or time.time() - float(since) < older_than_s:
+            return []
+        held = [int(k) for k in self.redis.hkeys(base + ":pending")]
+        if not held:
+            return []
+        nxt = int(self.redis.get(base + ":next") or 1)
+        return list(range(nxt, min(held)))
 
     @property
     def _admit(self):

@@ -42,6 +42,7 @@ class Settings:
     max_workers: int = field(default=1, metadata={"env": "TINKERBELL_MAX_WORKERS", "alias": "MAX_WORKERS", "help": "Workers the local stack starts when there is no GPU."})
     autosave: bool = field(default=True, metadata={"env": "TINKERBELL_AUTOSAVE", "help": "Save each adapter's state after every optimizer step so a restarted worker restores it."})
     ephemeral_keep: int = field(default=8, metadata={"env": "TINKERBELL_EPHEMERAL_KEEP", "help": "Ephemeral sampler snapshots (save_weights_and_get_sampling_client) kept per model; older ones are deleted."})
+    seq_gap_timeout_s: float = field(default=120.0, metadata={"env": "TINKERBELL_SEQ_GAP_TIMEOUT_S", "help": "A model's requests held behind a missing seq_id run without it after this long; the missing one is then refused."})
     poll_timeout_s: float = field(default=20.0, metadata={"env": "TINKERBELL_POLL_TIMEOUT_S", "help": "How long retrieve_future holds a pending poll before answering try_again."})
     heartbeat_s: float = field(default=5.0, metadata={"env": "TINKERBELL_HEARTBEAT_S", "help": "Worker heartbeat period; a worker is dead after 3 missed beats."})
     flower_port: int = field(default=5555, metadata={"env": "TINKERBELL_FLOWER_PORT", "help": "Flower dashboard port (local stack)."})

@@ -253,3 +253,18 @@ def test_resent_seq_id_applies_once(stack, tb):
     tb.retrieve_future(second).result(60)
     loss_after = tb.retrieve_future(third).result(60)["metrics"]["loss:sum"]
     assert loss_after < loss_before  # seq 3 saw the step of seq 2
+
+
+def test_requests_held_behind_a_seq_id_that_never_comes_run_after_the_gap_timeout(make_stack):
+    import requests
+
+    gappy = make_stack(1, {"TINKERBELL_AUTH": "off", "TINKERBELL_SEQ_GAP_TIMEOUT_S": "1", "TINKERBELL_POLL_TIMEOUT_S": "1"})
+    tb = TinkerbellClient(gappy.url, api_key="tml-test")
+    model_id = tb.add_lora(rank=4).result(120)["model_id"]
+    headers = {"X-API-Key": "tml-test"}
+    held = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 2, "data": [make_datum(1)]}, headers=headers, timeout=10).json()["request_id"]
+    assert tb.retrieve_future(held).result(30)["metrics"]["loss:sum"] > 0  # seq 1 never came: seq 2 ran after the timeout
+    late = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 1, "data": [make_datum(1)]}, headers=headers, timeout=10)
+    assert late.status_code == 400 and "seq_id 1" in late.json()["error"]
+    after = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 3, "data": [make_datum(2)]}, headers=headers, timeout=10).json()["request_id"]
+    assert tb.retrieve_future(after).result(30)["metrics"]["loss:sum"] > 0  # the model goes on
