@@ -15,9 +15,10 @@ import re
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, g, has_request_context, jsonify, request
+from flask import Blueprint, current_app, g, has_request_context, jsonify
 from werkzeug.exceptions import Forbidden
 
+from api.jsonwire import body
 from core.errors import NotFound, UserError
 from core.registry import Registry
 from core.settings import Settings
@@ -84,13 +85,6 @@ def resolve_custom_loss(registry: Registry, settings: Settings, owner: str, loss
     return {"name": name, "version": meta["version"], "hash": meta["hash"], "owner": owner}
 
 
-def _body() -> dict[str, Any]:
-    payload = request.get_json(force=True, silent=False)
-    if not isinstance(payload, dict):
-        raise UserError("body: must be a JSON object")
-    return payload
-
-
 def _text(payload: dict[str, Any], field: str) -> str:
     value = payload.get(field) or ""
     if not isinstance(value, str):
@@ -120,7 +114,7 @@ def _registry() -> Registry:
 def register_custom_loss():
     """Store a new version of one of the caller's losses; identical code keeps the current version."""
     check_allowed(current_app.config["SETTINGS"], g.scopes)
-    payload = _body()
+    payload = body()
     name = payload.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == "custom":
         raise UserError(f"name: {name!r} must be 1-64 letters, digits, '_', '.' or '-', start with a letter or '_', and not be 'custom'")

@@ -9,9 +9,23 @@ import math
 from typing import Any
 
 import numpy as np
+from flask import request
 
 from core.errors import UserError
 from core.wire import decode_array, encode_array
+
+
+def body() -> dict[str, Any]:
+    payload = request.get_json(force=True, silent=False)
+    if not isinstance(payload, dict):
+        raise UserError("body: must be a JSON object")
+    return payload
+
+
+def required(payload: dict[str, Any], name: str) -> Any:
+    if payload.get(name) is None:
+        raise UserError(f"{name}: required")
+    return payload[name]
 
 
 def tensor_from_json(value: Any, field: str, default_dtype: str) -> np.ndarray:

@@ -11,7 +11,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from api.auth import public
 from api.futures import PENDING, error_body
-from api.jsonwire import datums_from_json, result_json, tokens_from_json
+from api.jsonwire import body, datums_from_json, required, result_json, tokens_from_json
 from api.service import Service
 from core.errors import UserError
 from core.wire import encode_array
@@ -21,19 +21,6 @@ bp = Blueprint("native", __name__)
 
 def service() -> Service:
     return current_app.config["SERVICE"]
-
-
-def body() -> dict[str, Any]:
-    payload = request.get_json(force=True, silent=False)
-    if not isinstance(payload, dict):
-        raise UserError("body: must be a JSON object")
-    return payload
-
-
-def required(payload: dict[str, Any], name: str) -> Any:
-    if payload.get(name) is None:
-        raise UserError(f"{name}: required")
-    return payload[name]
 
 
 @bp.get("/healthz")
