@@ -265,6 +265,7 @@ def status_document(app: Flask) -> dict[str, Any]:
             "base_models": worker.get("base_models", []),
             "memory_bytes": worker.get("memory_bytes") or 0,
             "heartbeat_age_s": round(max(0.0, time.time() - float(worker.get("heartbeat") or time.time())), 1),
+            "running": _running(worker.get("current_task")),
         })
     adapter_queues = [depth for name, depth in queues.items() if name.startswith("adapter.")]
     shown = [{"queue": name, "depth": depth} for name, depth in queues.items() if not name.startswith("adapter.")]
@@ -286,6 +287,13 @@ def status_document(app: Flask) -> dict[str, Any]:
         "queues": shown,
         "recent_requests": recent,
     }
+
+
+def _running(current: dict[str, Any] | None) -> str:
+    """The task a worker ran at its last heartbeat, by name and age only (no model ids on the public page)."""
+    if not current:
+        return "idle"
+    return f"{current['task'].removeprefix('tinkerbell.')} for {max(0.0, time.time() - float(current['started'])):.1f} s"
 
 
 @bp.get("/status.json")

@@ -26,6 +26,7 @@ class Runtime:
         self._training: Any = None
         self._sampling: Any = None
         self.sample_queues: set[str] = set()
+        self.current_task: dict[str, Any] | None = None  # set by the task_prerun/postrun signals
         self.applied_seq: dict[str, int] = {}  # model_id -> last seq_id applied here (mirrors the registry)
 
     @property
@@ -66,7 +67,7 @@ class Runtime:
         self.consume(sample_queue(base_model))
 
     def status(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"device": self.settings.device, "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues)}
+        info: dict[str, Any] = {"device": self.settings.device, "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues), "current_task": self.current_task}
         if self._training is not None:
             backend_status = self._training.status()
             info["memory_bytes"] = backend_status.get("memory_bytes", 0)

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("tinkerbell.worker")
@@ -75,6 +76,20 @@ def _on_ready(sender: Any, **_: Any) -> None:
     log.info("worker %s ready on %s", runtime.name, runtime.settings.device)
 
 
+def _on_task_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    """Remember what runs, for the heartbeat: `inspect active` cannot answer while a solo worker runs a task."""
+    from tasks.runtime import runtime
+
+    kwargs = kwargs or {}
+    runtime.current_task = {"task": task.name, "id": task_id, "model_id": kwargs.get("model_id"), "seq_id": kwargs.get("seq_id"), "started": time.time()}
+
+
+def _on_task_postrun(**_: Any) -> None:
+    from tasks.runtime import runtime
+
+    runtime.current_task = None
+
+
 def _on_shutdown(**_: Any) -> None:
     from tasks.runtime import runtime
 
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signals.worker_ready.connect(_on_ready, weak=False)
     signals.worker_shutdown.connect(_on_shutdown, weak=False)
+    signals.task_prerun.connect(_on_task_prerun, weak=False)
+    signals.task_postrun.connect(_on_task_postrun, weak=False)
     app.worker_main(["worker", "--pool=solo", "-n", f"{name}@{socket.gethostname()}", "-Q", worker_queue(name), "--loglevel", args.loglevel, "-E", "--without-gossip", "--without-mingle", *extra])
 
 

@@ -261,3 +261,23 @@ def test_demo_fine_tunes_through_the_sdk(stack: Stack, tmp_path: Path) -> None:
     assert re.search(r"loss \d+\.\d+ -> \d+\.\d+ over 3 steps", done.stdout)
     assert re.search(r"3/3 \[.*loss=\d+\.\d+, tok_s=\d+", done.stderr)  # tqdm writes the bar to stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_shows_what_a_busy_worker_runs_where_inspect_active_cannot(stack: Stack, tb: TinkerbellClient) -> None:
+    def running() -> list[str]:
+        return [w["running"] for w in requests.get(stack.url + "/status.json", timeout=5).json()["workers"]]
+
+    prompt = datum(3)["model_input"]  # the tiny model's context is 512 tokens
+    futures = [tb.sample(prompt, max_tokens=480, temperature=0.0, stop=[]) for _ in range(2)]  # seconds of work
+    deadline = time.monotonic() + 30
+    seen: list[str] = []
+    while time.monotonic() < deadline and not any(r.startswith("sample for") for r in seen):
+        seen = running()
+        time.sleep(0.2)
+    assert any(r.startswith("sample for") for r in seen), seen
+    for future in futures:
+        future.result(120)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and running() != ["idle"]:
+        time.sleep(0.2)
+    assert running() == ["idle"]
