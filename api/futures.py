@@ -17,7 +17,7 @@ from tasks.celery_app import app as celery_app
 PENDING = object()
 
 
-def wait_result(registry_redis: Any, request_id: str, timeout_s: float) -> Any:
+def wait_result(request_id: str, timeout_s: float) -> Any:
     """Block until the task finishes or timeout_s passes. Returns (state, result) or PENDING."""
     backend = celery_app.backend
     meta = backend.get_task_meta(request_id)

@@ -137,7 +137,7 @@ class Service:
 
     def poll(self, future: dict[str, Any], request_id: str, timeout_s: float) -> Any:
         """Long-poll one future (api.futures.wait_result); a pending ordered request may be stalled behind a gap."""
-        outcome = wait_result(None, request_id, timeout_s)
+        outcome = wait_result(request_id, timeout_s)
         if outcome is PENDING and future.get("model_id"):
             self.release_stalled(future["model_id"])
         return outcome

