@@ -58,30 +58,33 @@ def check_allowed(settings: Settings, scopes: set[str]) -> None:
         raise Forbidden(NO_SCOPE)
 
 
-def resolve_custom_loss(registry: Registry, settings: Settings, owner: str, loss_fn: str, loss_fn_config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The owner's current version of a custom loss named by loss_fn (or loss_fn "custom" + loss_fn_config.loss_id).
+def custom_loss_name(loss_fn: str, loss_fn_config: dict[str, Any] | None) -> str:
+    """The loss name a training request asks for: loss_fn, or loss_fn_config.loss_id when loss_fn is "custom"."""
+    if loss_fn != "custom":
+        return loss_fn
+    name = (loss_fn_config if isinstance(loss_fn_config, dict) else {}).get("loss_id")
+    if not isinstance(name, str) or not name:
+        raise UserError("loss_fn_config.loss_id: required (the name of an uploaded loss) when loss_fn is 'custom'")
+    return name
+
+
+def resolve_custom_loss(settings: Settings, owner: str, loss_fn: str, name: str, builtin: bool, custom_meta: str | None) -> dict[str, Any] | None:
+    """The owner's current version of custom loss `name` (custom_loss_name), looked up by the caller.
 
     Returns {name, version, hash, owner} for the task, fixed now so a later re-registration changes the next
-    request and not this one; None when loss_fn is not one of the owner's custom losses. Running one needs
+    request and not this one; None when the name is not one of the owner's custom losses. Running one needs
     what uploading needs (checked against the requesting key's scopes).
     """
-    config = loss_fn_config if isinstance(loss_fn_config, dict) else {}
-    name = config.get("loss_id") if loss_fn == "custom" else loss_fn
-    if not isinstance(name, str) or not name:
-        if loss_fn == "custom":
-            raise UserError("loss_fn_config.loss_id: required (the name of an uploaded loss) when loss_fn is 'custom'")
-        return None
-    if registry.redis.hexists(BUILTIN_KEY, name):
+    if builtin:
         if loss_fn == "custom":
             raise UserError(f"loss_fn_config.loss_id: {name!r} is a built-in loss; pass loss_fn={name!r} instead")
         return None
-    raw = registry.redis.hget(CUSTOM_KEY.format(owner=owner), name)
-    if raw is None:
+    if custom_meta is None:
         if loss_fn == "custom":
             raise UserError(f"loss_fn_config.loss_id: you have no custom loss {name!r}; see GET /list_loss_functions")
         return None
     check_allowed(settings, g.scopes if has_request_context() else set())
-    meta = json.loads(raw)
+    meta = json.loads(custom_meta)
     return {"name": name, "version": meta["version"], "hash": meta["hash"], "owner": owner}
 
 

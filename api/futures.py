@@ -1,11 +1,15 @@
 """Futures: a long-poll on a Celery task's result in the Redis backend, woken by the backend's own publish.
 
 `wait_result` holds a pending poll up to the timeout, so clients that re-poll at once (the Tinker SDK does)
-make about one request per future instead of thousands.
+make about one request per future instead of thousands. Each API thread keeps one subscriber connection
+for all its polls; the published result is the stored one, so a wake-up needs no second read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
 from typing import Any
 
@@ -15,31 +19,68 @@ from core.errors import UserError
 from tasks.celery_app import app as celery_app
 
 PENDING = object()
+RECHECK_S = 1.0  # a pending poll also re-reads the result this often (belt and braces for a lost message)
+
+_local = threading.local()
+
+
+def _subscriber() -> Any:
+    """This thread's pubsub connection to the result backend (a forked process makes its own)."""
+    pubsub = getattr(_local, "pubsub", None)
+    if pubsub is None or _local.pid != os.getpid():
+        pubsub = _local.pubsub = celery_app.backend.client.pubsub()
+        _local.pid = os.getpid()
+    return pubsub
+
+
+def _drop_subscriber() -> None:
+    pubsub = getattr(_local, "pubsub", None)
+    _local.pubsub = None
+    if pubsub is not None:
+        with contextlib.suppress(Exception):  # it is being thrown away because it failed
+            pubsub.close()
+
+
+def _subscribe(pubsub: Any, channel: bytes, timeout_s: float) -> None:
+    """SUBSCRIBE and wait for the server's confirmation, so a result published after this is not missed."""
+    pubsub.subscribe(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        if message and message["type"] == "subscribe" and message["channel"] == channel:
+            return
 
 
 def wait_result(request_id: str, timeout_s: float) -> Any:
     """Block until the task finishes or timeout_s passes. Returns (state, result) or PENDING."""
     backend = celery_app.backend
-    meta = backend.get_task_meta(request_id)
-    if meta["status"] in states.READY_STATES:
-        return meta["status"], meta["result"]
     if timeout_s <= 0:
-        return PENDING
-    channel = backend.get_key_for_task(request_id).decode()
-    pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
+        meta = backend.get_task_meta(request_id)
+        return (meta["status"], meta["result"]) if meta["status"] in states.READY_STATES else PENDING
+    channel = backend.get_key_for_task(request_id)
+    deadline = time.monotonic() + timeout_s
+    pubsub = _subscriber()
     try:
-        pubsub.subscribe(channel)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            meta = backend.get_task_meta(request_id)  # re-check after subscribing: no lost wake-up
-            if meta["status"] in states.READY_STATES:
-                return meta["status"], meta["result"]
-            left = deadline - time.monotonic()
-            if left <= 0:
+        _subscribe(pubsub, channel, min(timeout_s, 5.0))
+        meta = backend.get_task_meta(request_id)  # after subscribing: a result stored since is seen here or published
+        recheck = time.monotonic() + RECHECK_S
+        while meta["status"] not in states.READY_STATES:
+            now = time.monotonic()
+            if now >= deadline:
                 return PENDING
-            pubsub.get_message(timeout=min(left, 1.0))
+            if now >= recheck:
+                meta, recheck = backend.get_task_meta(request_id), now + RECHECK_S
+                continue
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=min(deadline, recheck) - now)
+            if message and message["type"] == "message" and message["channel"] == channel:
+                meta = backend.decode_result(message["data"])  # the backend publishes what it stores
+        return meta["status"], meta["result"]
+    except Exception:
+        _drop_subscriber()
+        raise
     finally:
-        pubsub.close()
+        if getattr(_local, "pubsub", None) is pubsub:
+            pubsub.unsubscribe(channel)  # no wait: its confirmation and any late message are skipped next time
 
 
 def error_body(result: Any) -> dict[str, str]:

@@ -13,15 +13,14 @@ import uuid
 from dataclasses import asdict, fields
 from typing import Any
 
-from api.custom_losses import resolve_custom_loss
+from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
 from backends.base import AdamSpec, LoraSpec, SamplingSpec
 from backends.models import is_known_model
 from core.errors import NotFound, UserError
 from core.registry import Registry
 from core.settings import Settings
-from tasks.celery_app import adapter_queue, sample_queue, worker_queue
-from tasks.celery_app import app as celery_app
+from tasks.celery_app import adapter_queue, sample_queue, task_message, worker_queue
 
 EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiting for
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -88,29 +87,30 @@ class Service:
         self.registry = registry
 
     # ---- publishing -----------------------------------------------------------------------
-    def publish(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> None:
-        """Send a task with a short, readable argument summary for Flower (never raw token arrays)."""
-        celery_app.send_task(task, kwargs=kwargs, task_id=request_id, queue=queue, kwargsrepr=json.dumps(summary), argsrepr="()")
+    def _message(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> str:
+        """The broker message for a task, with a short, readable argument summary for Flower (never raw token arrays)."""
+        return task_message(task, kwargs, request_id, queue, json.dumps(summary))
 
-    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any]) -> str:
-        """Admit a request that touches an adapter; published in seq_id order, each seq_id once."""
-        self.registry.model(model_id, owner)
+    def publish(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> None:
+        """Publish a task that needs no ordering (create an adapter, sample)."""
+        self.registry.push(queue, self._message(task, kwargs, queue, request_id, summary))
+
+    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any], checked: bool = False) -> str:
+        """Admit a request that touches an adapter: published in seq_id order, each seq_id once (one atomic script).
+
+        checked: the caller already looked the model up for this owner.
+        """
+        if not checked:
+            self.registry.model(model_id, owner)
+        if seq_id is None:
+            seq_id = self.registry.next_seq(model_id)
         request_id = str(uuid.uuid4())
-        with self.registry.seq_lock(model_id):
-            answer_id, ready = self.registry.sequence(model_id, seq_id, request_id, {"task": task, "kwargs": kwargs, "request_id": request_id, "summary": summary})
-            self._publish_ready(model_id, ready)
+        queue = adapter_queue(model_id)
+        message = self._message(task, {**kwargs, "seq_id": seq_id}, queue, request_id, {**summary, "seq_id": seq_id})
+        answer_id = self.registry.submit(model_id, seq_id, request_id, message, {"owner": owner, "kind": kind, "model_id": model_id}, queue)
         if answer_id.startswith(EXPIRED):
             raise UserError(f"seq_id {seq_id}: arrived after {model_id}'s later requests waited {self.settings.seq_gap_timeout_s:g} s for it and ran without it")
-        if answer_id == request_id:
-            self.registry.record_future(request_id, owner, kind, model_id)
         return answer_id
-
-    def _publish_ready(self, model_id: str, ready: list[dict[str, Any]]) -> None:
-        for item in ready:
-            if item.get("skip"):
-                continue
-            item["kwargs"]["seq_id"] = item["seq_id"]
-            self.publish(item["task"], item["kwargs"], adapter_queue(model_id), item["request_id"], {**item["summary"], "seq_id": item["seq_id"]})
 
     def skip_seq(self, owner: str, model_id: str, seq_id: int) -> None:
         """Use up the seq_id of a request api/ refused (HTTP 4xx), so the model's later requests are not held behind it.
@@ -121,19 +121,12 @@ class Service:
             self.registry.model(model_id, owner)
         except NotFound:
             return
-        with self.registry.seq_lock(model_id):
-            _, ready = self.registry.sequence(model_id, seq_id, f"refused-{uuid.uuid4()}", {"skip": True})
-            self._publish_ready(model_id, ready)
+        self.registry.submit(model_id, seq_id, f"refused-{uuid.uuid4()}", "", None, adapter_queue(model_id))
 
     def release_stalled(self, model_id: str) -> None:
         """Requests held behind a seq_id that never came (a client gave up on it) run without it after a timeout."""
-        missing = self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s)
-        if not missing:
-            return
-        with self.registry.seq_lock(model_id):
-            for seq_id in missing:
-                _, ready = self.registry.sequence(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", {"skip": True})
-                self._publish_ready(model_id, ready)
+        for seq_id in self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s):
+            self.registry.submit(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", "", None, adapter_queue(model_id))
 
     def poll(self, future: dict[str, Any], request_id: str, timeout_s: float) -> Any:
         """Long-poll one future (api.futures.wait_result); a pending ordered request may be stalled behind a gap."""
@@ -191,15 +184,17 @@ class Service:
             raise UserError("data: empty batch; send at least one datum")
         if not isinstance(loss_fn, str) or not loss_fn:
             raise UserError("loss_fn: must be a loss name")
-        custom_loss = resolve_custom_loss(self.registry, self.settings, owner, loss_fn, loss_fn_config)
-        if custom_loss is None and not self.registry.is_known_loss(loss_fn, owner):
+        name = custom_loss_name(loss_fn, loss_fn_config)
+        _model, catalog, builtin, custom_meta = self.registry.model_and_loss(model_id, owner, name)
+        custom_loss = resolve_custom_loss(self.settings, owner, loss_fn, name, builtin, custom_meta)
+        if custom_loss is None and catalog and not builtin:  # before a worker published the catalog, the worker decides
             raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
         kwargs = {"model_id": model_id, "data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config, "forward_only": forward_only}
         if custom_loss is not None:
             kwargs["custom_loss"] = custom_loss  # the version current now, so re-registering changes later requests only
         kind = "forward" if forward_only else "forward_backward"
-        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only})
+        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only}, checked=True)
 
     def optim_step(self, owner: str, model_id: str, seq_id: int | None, adam_params: dict[str, Any] | None) -> str:
         spec = adam_spec(adam_params)

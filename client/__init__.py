@@ -11,6 +11,7 @@ from typing import Any
 from client.client import (
     APIError,
     AuthError,
+    ConnectionFailed,
     Future,
     NotFoundError,
     RequestFailed,
@@ -20,7 +21,7 @@ from client.client import (
 )
 from client.custom_loss import custom_loss
 
-__all__ = ["APIError", "AuthError", "Future", "LossFnOutput", "NotFoundError", "RequestFailed", "ServerError", "TinkerbellClient", "UserInputError", "custom_loss"]
+__all__ = ["APIError", "AuthError", "ConnectionFailed", "Future", "LossFnOutput", "NotFoundError", "RequestFailed", "ServerError", "TinkerbellClient", "UserInputError", "custom_loss"]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import requests
+import urllib3
 
 
 class APIError(Exception):
@@ -38,18 +39,23 @@ class RequestFailed(APIError):
     """A future finished with an error."""
 
 
-def _raise_for(response: requests.Response) -> None:
-    if response.status_code < 400:
+class ConnectionFailed(ServerError):
+    """The service could not be reached (or the connection broke); retrying may help."""
+
+
+def _raise_for(response: urllib3.BaseHTTPResponse) -> None:
+    if response.status < 400:
         return
+    text = response.data.decode(errors="replace")
     try:
-        payload = response.json()
-        message, category = payload.get("error", response.text), payload.get("category", "server")
-    except ValueError:
-        message, category = response.text or response.reason, "server"
-    cls = {401: AuthError, 403: AuthError, 404: NotFoundError}.get(response.status_code)
+        payload = json.loads(text)
+        message, category = payload.get("error", text), payload.get("category", "server")
+    except (ValueError, AttributeError):
+        message, category = text or response.reason, "server"
+    cls = {401: AuthError, 403: AuthError, 404: NotFoundError}.get(response.status)
     if cls is None:
-        cls = UserInputError if 400 <= response.status_code < 500 else ServerError
-    raise cls(f"{response.status_code}: {message}", category, response.status_code)
+        cls = UserInputError if 400 <= response.status < 500 else ServerError
+    raise cls(f"{response.status}: {message}", category, response.status)
 
 
 class Future:
@@ -86,22 +92,28 @@ class Future:
 class TinkerbellClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self.session = requests.Session()
+        self.headers = {"Content-Type": "application/json"}
         if api_key:
-            self.session.headers["X-API-Key"] = api_key
+            self.headers["X-API-Key"] = api_key
         self.timeout = timeout
+        self._http = urllib3.PoolManager(maxsize=16, retries=False)  # keep-alive connections; safe across threads
         self._seq: dict[str, int] = {}
 
     # ---- transport ------------------------------------------------------------------------
-    def _post(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> Any:
-        response = self.session.post(self.base_url + path, json=payload, timeout=timeout or self.timeout)
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+        try:
+            response = self._http.request(method, self.base_url + path, body=body, headers=self.headers, timeout=urllib3.Timeout(connect=10.0, read=timeout or self.timeout))
+        except urllib3.exceptions.HTTPError as exc:
+            raise ConnectionFailed(f"{method} {self.base_url}{path}: {exc}") from exc
         _raise_for(response)
-        return response.json()
+        return json.loads(response.data)
+
+    def _post(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> Any:
+        return self._request("POST", path, payload, timeout)
 
     def _get(self, path: str) -> Any:
-        response = self.session.get(self.base_url + path, timeout=self.timeout)
-        _raise_for(response)
-        return response.json()
+        return self._request("GET", path)
 
     def _next_seq(self, model_id: str) -> int:
         self._seq[model_id] = self._seq.get(model_id, 0) + 1
@@ -136,9 +148,7 @@ class TinkerbellClient:
         return self._get(f"/custom_losses/{name}")
 
     def delete_custom_loss(self, name: str) -> dict[str, Any]:
-        response = self.session.delete(f"{self.base_url}/custom_losses/{name}", timeout=self.timeout)
-        _raise_for(response)
-        return response.json()
+        return self._request("DELETE", f"/custom_losses/{name}")
 
     # ---- adapters -------------------------------------------------------------------------
     def add_lora(self, base_model: str | None = None, rank: int = 32, alpha: float | None = None, seed: int | None = None, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = True) -> Future:

@@ -6,13 +6,14 @@ so one key can never tell another key's objects from missing ones.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import secrets
 import time
 import uuid
+from functools import cached_property
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import redis
 
@@ -23,6 +24,7 @@ P = "tb:"  # every registry key starts with this
 LOCAL_OWNER = "local"  # owner of everything when TINKERBELL_AUTH=off
 PENDING_FUTURES = P + "futures:pending"  # zset request_id -> created; done ones are pruned when read
 PENDING_FUTURES_MAX = 100_000
+FUTURE_TTL_S = 7 * 86400
 
 
 def hash_key(api_key: str) -> str:
@@ -33,54 +35,80 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _dumps_payload(value: Any) -> str:
-    """JSON that keeps bytes (wire arrays in task kwargs) as {"__b64__": …}."""
-
-    def default(obj: Any) -> Any:
-        if isinstance(obj, (bytes, bytearray, memoryview)):
-            return {"__b64__": base64.b64encode(bytes(obj)).decode()}
-        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-    return json.dumps(value, separators=(",", ":"), default=default)
-
-
-def _loads_payload(raw: str) -> Any:
-    return json.loads(raw, object_hook=lambda d: base64.b64decode(d["__b64__"]) if len(d) == 1 and "__b64__" in d else d)
-
-
 def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
     """Hash fields are JSON-encoded so types survive."""
     return {k: json.loads(v) for k, v in raw.items()}
 
 
-# KEYS: ids hash (seq -> request id), admitted zset, pending hash (seq -> payload), next counter.
-# ARGV: seq_id ("" = next after all admitted), request_id, payload.
-# Returns {request id to answer with, first released seq, released payloads...}.
-_ADMIT_LUA = """
-local nxt = tonumber(redis.call('GET', KEYS[4]) or '1')
+# Admission of one request of a model, and the publishing of every request it makes ready, in one atomic script:
+# nothing can run out of seq_id order, and no crash between "admitted" and "published" can lose a request.
+# KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> broker message; '' = nothing to
+#       run), 4 next seq counter, 5 held-since hash, 6 the future's hash, 7 pending-futures zset, 8 the adapter's
+#       queue (a list in the broker's db).
+# ARGV: 1 seq_id, 2 request id, 3 broker message, 4 broker db, 5 now, 6 '1' = record a future for the request,
+#       7-9 future owner/kind/model_id (JSON), 10 future ttl seconds, 11 pending-futures cap.
+# Returns {request id to answer with, number of messages pushed}; a seq_id seen before answers with its first id.
+_SUBMIT_LUA = """
 local seq = ARGV[1]
-if seq == '' then
-  local top = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  local highest = 0
-  if top[2] then highest = tonumber(top[2]) end
-  seq = tostring(math.max(highest + 1, nxt))
-end
 local existing = redis.call('HGET', KEYS[1], seq)
-if existing then return {existing, nxt} end
+if existing then return {existing, 0} end
 redis.call('HSET', KEYS[1], seq, ARGV[2])
 redis.call('ZADD', KEYS[2], seq, seq)
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[6], 'owner', ARGV[7], 'kind', ARGV[8], 'model_id', ARGV[9], 'created', ARGV[5])
+  redis.call('EXPIRE', KEYS[6], ARGV[10])
+  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[2])
+  redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -tonumber(ARGV[11]) - 1)
+end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
-local out = {ARGV[2], nxt}
+local first = tonumber(redis.call('GET', KEYS[4]) or '1')
+local nxt = first
+local ready = {}
 while true do
   local raw = redis.call('HGET', KEYS[3], tostring(nxt))
   if not raw then break end
-  table.insert(out, raw)
   redis.call('HDEL', KEYS[3], tostring(nxt))
+  if raw ~= '' then table.insert(ready, raw) end
   nxt = nxt + 1
 end
 redis.call('SET', KEYS[4], nxt)
-return out
+if nxt > first then redis.call('DEL', KEYS[5]) else redis.call('HSETNX', KEYS[5], 't', ARGV[5]) end
+if #ready > 0 then
+  redis.call('SELECT', tonumber(ARGV[4]))
+  for _, raw in ipairs(ready) do redis.call('LPUSH', KEYS[8], raw) end
+end
+return {ARGV[2], #ready}
 """
+
+# KEYS: 1 a queue (a list in the broker's db). ARGV: 1 broker db, 2 broker message.
+_PUSH_LUA = """
+redis.call('SELECT', tonumber(ARGV[1]))
+return redis.call('LPUSH', KEYS[1], ARGV[2])
+"""
+
+# The seq_id for a request that brings none: next after everything admitted or handed out so far.
+# KEYS: 1 admitted zset, 2 next seq counter, 3 last handed-out counter.
+_RESERVE_LUA = """
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local highest = 0
+if top[2] then highest = tonumber(top[2]) end
+local seq = math.max(highest + 1, tonumber(redis.call('GET', KEYS[2]) or '1'), tonumber(redis.call('GET', KEYS[3]) or '0') + 1)
+redis.call('SET', KEYS[3], seq)
+return seq
+"""
+
+
+def redis_server_and_db(url: str) -> tuple[tuple[str, int], int]:
+    parsed = urlparse(url)
+    db = parsed.path.lstrip("/") or parse_qs(parsed.query).get("db", ["0"])[0]
+    host = parsed.hostname or "localhost"
+    return ("127.0.0.1" if host == "localhost" else host, parsed.port or 6379), int(db or 0)
+
+
+def _check_owned(record: dict[str, Any] | None, kind: str, key: str, owner: str, what: str) -> dict[str, Any]:
+    if record is None or record.get("owner") != owner or record.get("deleted"):
+        raise NotFound(f"{what}: no such {kind} '{key}'")
+    return record
 
 
 class Registry:
@@ -99,10 +127,7 @@ class Registry:
         return _load_hash(raw) if raw else None
 
     def _owned(self, kind: str, key: str, owner: str, what: str) -> dict[str, Any]:
-        record = self._get(f"{kind}:{key}")
-        if record is None or record.get("owner") != owner or record.get("deleted"):
-            raise NotFound(f"{what}: no such {kind} '{key}'")
-        return record
+        return _check_owned(self._get(f"{kind}:{key}"), kind, key, owner, what)
 
     # ---- API keys -------------------------------------------------------------------------
     def create_key(self, name: str, scopes: list[str] | None = None) -> str:
@@ -226,7 +251,7 @@ class Registry:
         return min(serving, key=lambda w: (len(w["adapters"]), w["name"]))["name"]
 
     # ---- futures --------------------------------------------------------------------------
-    def record_future(self, request_id: str, owner: str, kind: str, model_id: str | None = None, ttl_s: int = 7 * 86400) -> None:
+    def record_future(self, request_id: str, owner: str, kind: str, model_id: str | None = None, ttl_s: int = FUTURE_TTL_S) -> None:
         key = P + f"future:{request_id}"
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping={"owner": _dumps(owner), "kind": _dumps(kind), "model_id": _dumps(model_id), "created": _dumps(time.time())})
@@ -239,24 +264,38 @@ class Registry:
         return self._owned("future", request_id, owner, "request_id")
 
     # ---- per-model ordering (DESIGN rule 3) -----------------------------------------------
-    def sequence(self, model_id: str, seq_id: int | None, request_id: str, payload: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-        """Admit request `seq_id` of a model; return (request_id to answer with, payloads now ready to publish in order).
+    def submit(self, model_id: str, seq_id: int, request_id: str, message: str, future: dict[str, Any] | None, queue: str) -> str:
+        """Admit request `seq_id` of a model and push onto its queue every message that is now next in order.
 
-        A seq_id seen before answers with its first request id and publishes nothing (re-sends apply once).
-        A seq_id ahead of the next expected waits here until the gap fills; then all contiguous ones are released.
-        seq_id None means "next after everything admitted so far" (native clients that do not number).
-        Callers must hold `seq_lock(model_id)` so releases are published in order.
+        Returns the request id to answer with: `request_id`, or the first one's if this seq_id was seen before
+        (a re-send applies once). A seq_id ahead of the next expected waits here until the gap fills.
+        message: the broker message (tasks.celery_app.task_message), or "" for a seq_id that runs nothing.
+        future: {owner, kind, model_id} to record for a newly admitted request.
         """
         base = P + f"seq:{model_id}"
-        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next"]
-        answer = self._admit(keys=keys, args=["" if seq_id is None else str(seq_id), request_id, _dumps_payload(payload)])
-        answer_id, first = answer[0], int(answer[1])
-        released = [{**_loads_payload(raw), "seq_id": first + i} for i, raw in enumerate(answer[2:])]
-        if answer_id == request_id and not released:  # held behind a gap: remember since when
-            self.redis.hsetnx(base + ":held_since", "t", time.time())
-        elif released:
-            self.redis.delete(base + ":held_since")
-        return answer_id, released
+        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since", P + f"future:{request_id}", PENDING_FUTURES, queue]
+        future = future or {}
+        args = [str(seq_id), request_id, message, self.broker_db, time.time(), "1" if future else "0", _dumps(future.get("owner")), _dumps(future.get("kind")), _dumps(future.get("model_id")), FUTURE_TTL_S, PENDING_FUTURES_MAX]
+        answer_id, _pushed = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
+        return answer_id
+
+    def push(self, queue: str, message: str) -> None:
+        """Publish a broker message (tasks.celery_app.task_message) that needs no ordering."""
+        self._script("_push", _PUSH_LUA)(keys=[queue], args=[self.broker_db, message])
+
+    def next_seq(self, model_id: str) -> int:
+        """Hand out the seq_id for a request that came without one (native callers that do not number)."""
+        base = P + f"seq:{model_id}"
+        return int(self._script("_reserve", _RESERVE_LUA)(keys=[base + ":admitted", base + ":next", base + ":reserved"]))
+
+    @cached_property
+    def broker_db(self) -> int:
+        """The broker's db on this registry's Redis server (submit pushes onto queues there, atomically)."""
+        server, db = redis_server_and_db(self.settings.broker_url)
+        registry_server, _ = redis_server_and_db(self.settings.registry_url)
+        if server != registry_server:
+            raise ValueError(f"TINKERBELL_REDIS_URL must name the broker's Redis server ({self.settings.broker_url}); another db on it is fine")
+        return db
 
     def stalled_gap(self, model_id: str, older_than_s: float) -> list[int]:
         """seq_ids missing in front of requests held longer than older_than_s (empty when nothing is stalled)."""
@@ -270,15 +309,10 @@ class Registry:
         nxt = int(self.redis.get(base + ":next") or 1)
         return list(range(nxt, min(held)))
 
-    @property
-    def _admit(self):
-        """One round trip, atomic: record the seq_id (or find it was seen), then release the contiguous run."""
-        if not hasattr(self, "_admit_script"):
-            self._admit_script = self.redis.register_script(_ADMIT_LUA)
-        return self._admit_script
-
-    def seq_lock(self, model_id: str):
-        return self.redis.lock(P + f"seq:{model_id}:lock", timeout=10, blocking_timeout=10)
+    def _script(self, name: str, source: str) -> Any:
+        if not hasattr(self, name):
+            setattr(self, name, self.redis.register_script(source))
+        return getattr(self, name)
 
     def waiting_seq_ids(self, model_id: str) -> list[int]:
         return sorted(int(s) for s in self.redis.hkeys(P + f"seq:{model_id}:pending"))
@@ -321,18 +355,29 @@ class Registry:
         """Latest version of each of the owner's custom losses (metadata only, not code)."""
         return [json.loads(v) for v in self.redis.hvals(P + f"losses:custom:{owner}")]
 
-    def is_known_loss(self, name: str, owner: str) -> bool:
-        """Unknown until a worker has published the catalog: then let the worker decide."""
+    def model_and_loss(self, model_id: str, owner: str, loss_name: str) -> tuple[dict[str, Any], bool, bool, str | None]:
+        """One round trip for a training request: (the owner's model, loss catalog published?, built-in loss?,
+        the owner's custom loss metadata or None). NotFound for another key's or a removed model."""
         with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(P + f"model:{model_id}")
             pipe.exists(P + "losses:builtin")
-            pipe.hexists(P + "losses:builtin", name)
-            pipe.hexists(P + f"losses:custom:{owner}", name)
-            catalog, builtin, custom = pipe.execute()
-        return not catalog or bool(builtin or custom)
+            pipe.hexists(P + "losses:builtin", loss_name)
+            pipe.hget(P + f"losses:custom:{owner}", loss_name)
+            raw, catalog, builtin, custom = pipe.execute()
+        model = _check_owned(_load_hash(raw) if raw else None, "model", model_id, owner, "model_id")
+        return model, bool(catalog), bool(builtin), custom
 
-    # ---- counters for /metrics and the status page ----------------------------------------
     def incr_stat(self, name: str, amount: float = 1) -> None:
         self.redis.hincrbyfloat(P + "stats", name, amount)
+
+    def apply_updates(self, models: dict[str, dict[str, Any]], stats: dict[str, float]) -> None:
+        """Several model field updates and stat increments in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for model_id, fields in models.items():
+                pipe.hset(P + f"model:{model_id}", mapping={k: _dumps(v) for k, v in fields.items()})
+            for name, amount in stats.items():
+                pipe.hincrbyfloat(P + "stats", name, amount)
+            pipe.execute()
 
     def stats(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.redis.hgetall(P + "stats").items()}

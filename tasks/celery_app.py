@@ -6,13 +6,54 @@ consumed by its owner only, FIFO = seq_id order), `sample.<base_model>` (every w
 
 from __future__ import annotations
 
+import base64
+import json
+import socket
+import uuid
+from typing import Any
+
 from celery import Celery
+from celery.backends.redis import RedisBackend
+from kombu.serialization import dumps as serialize
+from kombu.utils.encoding import bytes_to_str
 
 from core.settings import Settings
 
 settings = Settings.from_env()
 
-app = Celery("tinkerbell", broker=settings.broker_url, backend=settings.backend_url, include=["tasks.training", "tasks.sampling"])
+# KEYS: 1 the task's result key. ARGV: 1 encoded meta (msgpack), 2 expiry seconds (0 = none).
+# A stored success starts {"status": "SUCCESS", …}: msgpack map header, then fixstr "status", fixstr "SUCCESS"
+# (Redis 7's cmsgpack cannot unpack the bin values results hold, so the head is matched as bytes).
+_STORE_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and string.find(string.sub(current, 1, 24), '\\166status\\167SUCCESS', 1, true) then return 0 end
+if tonumber(ARGV[2]) > 0 then redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend, storing a result in one atomic round trip.
+
+    Celery reads a task's stored state before writing its result, so that a lost duplicate never overwrites a
+    success: a second round trip on every task. Here a Redis script makes that check and the write in one step
+    (results are msgpack; the script recognises a stored success by its first bytes). The stored and
+    published values are exactly Celery's.
+    """
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any) -> Any:
+        if self.serializer != "msgpack":
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        if not hasattr(self, "_store_script"):
+            self._store_script = self.client.register_script(_STORE_LUA)
+        self._store_script(keys=[self.get_key_for_task(task_id)], args=[self.encode(meta), int(self.expires or 0)])
+        return result
+
+
+app = Celery("tinkerbell", broker=settings.broker_url, backend=f"tasks.celery_app:ResultBackend+{settings.backend_url}", include=["tasks.training", "tasks.sampling"])
 app.conf.update(
     task_serializer="msgpack",  # DESIGN rule 4: plain data, bytes for arrays, never pickle
     result_serializer="msgpack",
@@ -25,9 +66,7 @@ app.conf.update(
     task_create_missing_queues=True,
     task_default_queue="tinkerbell.default",
     result_expires=7 * 86400,
-    result_extended=True,  # Flower and inspect show task names/args from the result too
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    worker_send_task_events=True,  # Flower follows tasks from the worker's received/started/succeeded events
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": 3600},
     worker_hijack_root_logger=False,
@@ -44,3 +83,25 @@ def worker_queue(name: str) -> str:
 
 def sample_queue(base_model: str) -> str:
     return f"sample.{base_model}"
+
+
+ORIGIN = f"tinkerbell-api@{socket.gethostname()}"
+
+
+def task_message(task: str, kwargs: dict[str, Any], task_id: str, queue: str, kwargsrepr: str) -> str:
+    """The broker message `send_task` would push onto `queue`, as JSON.
+
+    Celery builds the task (protocol 2 headers and msgpack body); the envelope is kombu's for Redis queues
+    (base64 body, delivery info for the default exchange), so a worker cannot tell it from one send_task made.
+    api/ pushes it inside the registry's admission script: ordering and publishing are one atomic step.
+    """
+    headers, properties, body, _ = app.amqp.as_task_v2(task_id, task, kwargs=kwargs, argsrepr="()", kwargsrepr=kwargsrepr, origin=ORIGIN)
+    content_type, content_encoding, data = serialize(body, serializer=app.conf.task_serializer)
+    envelope = {
+        "body": base64.b64encode(data).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {**properties, "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+    }
+    return json.dumps(envelope, separators=(",", ":"))

@@ -28,6 +28,8 @@ class Runtime:
         self.sample_queues: set[str] = set()
         self.current_task: dict[str, Any] | None = None  # set by the task_prerun/postrun signals
         self.applied_seq: dict[str, int] = {}  # model_id -> last seq_id applied here (mirrors the registry)
+        self._model_updates: dict[str, dict[str, Any]] = {}
+        self._stats: dict[str, float] = {}
 
     @property
     def training(self) -> Any:
@@ -65,6 +67,24 @@ class Runtime:
     def serve_base_model(self, base_model: str) -> None:
         self.sample_queues.add(base_model)
         self.consume(sample_queue(base_model))
+
+    def after_result(self, model_id: str | None = None, stats: dict[str, float] | None = None, **fields: Any) -> None:
+        """Registry bookkeeping a task leaves for after its result is stored (flush_after_result), off the
+        request's critical path. Safe for applied_seq: a redelivered message whose result is stored never runs."""
+        if model_id is not None:
+            self._model_updates.setdefault(model_id, {}).update(fields)
+        for name, amount in (stats or {}).items():
+            self._stats[name] = self._stats.get(name, 0.0) + amount
+
+    def flush_after_result(self) -> None:
+        models, stats = self._model_updates, self._stats
+        if not models and not stats:
+            return
+        self._model_updates, self._stats = {}, {}
+        try:
+            self.registry.apply_updates(models, stats)
+        except Exception:
+            log.exception("could not record %s / %s in the registry", models, stats)
 
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {"device": self.settings.device, "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues), "current_task": self.current_task}

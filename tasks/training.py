@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from celery.signals import task_postrun
+
 from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
 from core.errors import NotFound, UserError
 from core.wire import decode_datum, encode_array
@@ -56,7 +58,7 @@ def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[
     fields: dict[str, Any] = {"last_request_time": time.time()}
     if seq_id is not None:
         fields["applied_seq"] = runtime.applied_seq[model_id] = seq_id
-    runtime.registry.update_model(model_id, **fields)
+    runtime.after_result(model_id, **fields)
     return result
 
 
@@ -105,6 +107,12 @@ class Autosaver:
 
 
 autosaver = Autosaver()
+
+
+@task_postrun.connect(weak=False)
+def _after_result(**_: Any) -> None:
+    """Runs after the task's result is stored (and visible to the client): the deferred registry writes."""
+    runtime.flush_after_result()
 
 
 def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
@@ -160,7 +168,7 @@ def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[di
         with custom_losses.gradients_restored_on_failure(params):
             [result] = runtime.training.forward_backward([request])
         tokens = sum(len(d.tokens) for d in datums)
-        runtime.registry.incr_stat("tokens_trained" if not forward_only else "tokens_forward", tokens)
+        runtime.after_result(stats={"tokens_trained" if not forward_only else "tokens_forward": tokens})
         return {
             "loss_fn_output_type": "ArrayRecord",
             "loss_fn_outputs": [{k: encode_array(v, "float32") for k, v in out.items()} for out in result.loss_fn_outputs],
