@@ -1,8 +1,11 @@
 """What the service costs over running the same work in-process; prints a table.
 
-(a) round-trip latency of a tiny forward_backward: HTTP → Redis → worker → result, vs the backend call in-process.
+(a) round-trip latency of a tiny forward_backward: HTTP → Redis → worker → result, vs the backend call in-process;
+    once as the stack starts by default, once with the worker on a core of its own (TINKERBELL_WORKER_CPUS) and
+    the API, Redis and client on the others (the in-process call then runs on the worker's core).
 (b) SFT throughput (forward_backward + optim_step, batch 8×128) on SmolLM2: service vs a plain PEFT loop.
-Usage: python bench/overhead.py [--latency-iters 200] [--sft-steps 5] [--threads 2]
+Both sides run with the same torch threads and the worker's allocator settings (tasks.worker.tune_malloc).
+Usage: python bench/overhead.py [--latency-iters 200] [--sft-steps 5] [--threads 2] [--latency-threads 1]
 """
 
 from __future__ import annotations
@@ -55,30 +58,68 @@ def to_request(model_id: str, data: list[dict]):
     return FwdBwdRequest(model_id, datums)
 
 
-def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], list[float]]:
+def latency(stack: Stack, models_dir: Path, iters: int, cpus: tuple[set[int], set[int]] | None = None) -> tuple[list[float], list[float]]:
+    """Milliseconds per tiny forward_backward, through the service and in this process, in alternating blocks so
+    drift in the machine's speed falls on both alike. cpus: (worker's cores, everyone else's): this process
+    computes on the worker's cores and is the client on the others."""
     from backends.base import LoraSpec
 
     tb = TinkerbellClient(stack.url, api_key="tml-bench")
     model_id = tb.add_lora(base_model=TINY_MODEL, rank=4).result(300)["model_id"]
     data = batch(1, 8, 1000)
-    for _ in range(10):
-        tb.forward_backward(model_id, data).result(60)
-    service = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        tb.forward_backward(model_id, data).result(60)
-        service.append((time.perf_counter() - t0) * 1e3)
     backend = in_process_backend(models_dir, stack.data_dir)
     backend.create_adapter("bench", TINY_MODEL, LoraSpec(rank=4))
-    request = to_request("bench", data)
     for _ in range(10):
-        backend.forward_backward([request])
-    local = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+        tb.forward_backward(model_id, data).result(60)
         backend.forward_backward([to_request("bench", data)])
-        local.append((time.perf_counter() - t0) * 1e3)
+    service: list[float] = []
+    local: list[float] = []
+    block = 20
+    while len(service) < iters:
+        if cpus:
+            os.sched_setaffinity(0, cpus[1])
+        for _ in range(block):
+            t0 = time.perf_counter()
+            tb.forward_backward(model_id, data).result(60)
+            service.append((time.perf_counter() - t0) * 1e3)
+        if cpus:
+            os.sched_setaffinity(0, cpus[0])
+        for _ in range(block):
+            t0 = time.perf_counter()
+            backend.forward_backward([to_request("bench", data)])
+            local.append((time.perf_counter() - t0) * 1e3)
+    if cpus:
+        os.sched_setaffinity(0, cpus[0] | cpus[1])
     return service, local
+
+
+def pin_process_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process and of its children (gunicorn's workers) onto `cpus`."""
+    pids = [pid] + [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for proc in pids:
+        for thread in os.listdir(f"/proc/{proc}/task"):
+            os.sched_setaffinity(int(thread), cpus)
+
+
+def latency_rows(label: str, service: list[float], local: list[float]) -> list[tuple[str, float, float, float]]:
+    return [
+        (f"(a) tiny forward_backward round trip{label}, p50 (ms)", statistics.median(local), statistics.median(service), statistics.median(service) - statistics.median(local)),
+        (f"(a) tiny forward_backward round trip{label}, p95 (ms)", pct(local, 95), pct(service, 95), pct(service, 95) - pct(local, 95)),
+    ]
+
+
+def start_stack(models_dir: Path, threads: int, base_models: str, worker_cpus: str = "") -> tuple[RedisServer, Stack]:
+    redis = RedisServer()
+    env = {"TINKERBELL_AUTH": "off", "OMP_NUM_THREADS": str(threads), "TINKERBELL_BASE_MODELS": base_models, "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1"), "TINKERBELL_WORKER_CPUS": worker_cpus}
+    stack = Stack(redis, 0, models_dir, Path(tempfile.mkdtemp(prefix="tb-bench-data-")), extra_env=env)
+    try:
+        stack.start_worker("bench0")
+        stack.start_api()
+    except BaseException:
+        stack.stop()
+        redis.stop()
+        raise
+    return redis, stack
 
 
 def sft_steps(stack: Stack, data: list[dict], steps: int) -> tuple[list[float], list[float]]:
@@ -127,42 +168,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--latency-iters", type=int, default=200)
     parser.add_argument("--sft-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for (b), in the worker and in this process")
+    parser.add_argument("--latency-threads", type=int, default=1, help="torch threads for (a): a tiny call runs fastest on one")
     parser.add_argument("--skip-sft", action="store_true")
+    parser.add_argument("--skip-pinned", action="store_true", help="skip (a) with the worker on a core of its own")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
+    from tasks.worker import tune_malloc
     from tests.tiny_model import build_tiny_model
 
+    tune_malloc()  # the allocator settings a worker runs with: the two sides differ only by the service
     models_dir = Path(tempfile.mkdtemp(prefix="tb-bench-models-"))
     build_tiny_model(models_dir / "tinkerbell" / "tiny-llama")
-    redis = RedisServer()
-    stack = Stack(redis, 0, models_dir, Path(tempfile.mkdtemp(prefix="tb-bench-data-")), extra_env={"TINKERBELL_AUTH": "off", "OMP_NUM_THREADS": str(args.threads), "TINKERBELL_BASE_MODELS": f"{TINY_MODEL},{SMOL}", "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1")})
+    rows = []
+    torch.set_num_threads(args.latency_threads)
+    redis, stack = start_stack(models_dir, args.latency_threads, TINY_MODEL)
     try:
-        stack.start_worker("bench0")
-        stack.start_api()
-        service, local = latency(stack, models_dir, args.latency_iters)
-        rows = [
-            ("(a) tiny forward_backward round trip, p50 (ms)", statistics.median(local), statistics.median(service), statistics.median(service) - statistics.median(local)),
-            ("(a) tiny forward_backward round trip, p95 (ms)", pct(local, 95), pct(service, 95), pct(service, 95) - pct(local, 95)),
-        ]
-        if not args.skip_sft:
-            data = batch(8, 128, 49152, seed=1)
-            plain, served = sft_steps(stack, data, args.sft_steps)
-            tokens = sum(len(d["model_input"]) for d in data)
-            plain_tps, served_tps = tokens / statistics.median(plain), tokens / statistics.median(served)
-            rows.append(("(b) SFT 8x128 SmolLM2, tokens/s (median step)", plain_tps, served_tps, served_tps / plain_tps))
-        print()
-        print("| measurement | in-process | through the service | service cost |")
-        print("|---|---:|---:|---:|")
-        for name, a, b, c in rows:
-            cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"
-            print(f"| {name} | {a:.2f} | {b:.2f} | {cost} |")
-        print(f"\n{os.cpu_count()} CPU cores, torch threads {args.threads}, latency iters {args.latency_iters}, SFT steps {args.sft_steps}")
+        rows += latency_rows("", *latency(stack, models_dir, args.latency_iters))
     finally:
         stack.stop()
         redis.stop()
+    cores = sorted(os.sched_getaffinity(0))
+    if not args.skip_pinned and len(cores) >= 2:
+        worker_cpus, other_cpus = {cores[-1]}, set(cores[:-1])
+        redis, stack = start_stack(models_dir, args.latency_threads, TINY_MODEL, str(cores[-1]))
+        try:
+            pin_process_tree(redis.proc.pid, other_cpus)
+            pin_process_tree(stack.procs["api"].pid, other_cpus)
+            rows += latency_rows(f", worker on core {cores[-1]} (TINKERBELL_WORKER_CPUS)", *latency(stack, models_dir, args.latency_iters, (worker_cpus, other_cpus)))
+        finally:
+            stack.stop()
+            redis.stop()
+    if not args.skip_sft:
+        torch.set_num_threads(args.threads)
+        redis, stack = start_stack(models_dir, args.threads, SMOL)
+        try:
+            data = batch(8, 128, 49152, seed=1)
+            plain, served = sft_steps(stack, data, args.sft_steps)
+        finally:
+            stack.stop()
+            redis.stop()
+        tokens = sum(len(d["model_input"]) for d in data)
+        plain_tps, served_tps = tokens / statistics.median(plain), tokens / statistics.median(served)
+        rows.append(("(b) SFT 8x128 SmolLM2, tokens/s (median step)", plain_tps, served_tps, served_tps / plain_tps))
+    print()
+    print("| measurement | in-process | through the service | service cost |")
+    print("|---|---:|---:|---:|")
+    for name, a, b, c in rows:
+        cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"
+        print(f"| {name} | {a:.2f} | {b:.2f} | {cost} |")
+    print(f"\n{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters {args.latency_iters}; SFT steps {args.sft_steps}")
 
 
 if __name__ == "__main__":

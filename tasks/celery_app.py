@@ -42,6 +42,14 @@ class ResultBackend(RedisBackend):
     published values are exactly Celery's.
     """
 
+    def _get_result_meta(self, result: Any, state: str, traceback: Any, request: Any, format_date: bool = True, encode: bool = False) -> dict[str, Any]:
+        """Celery's meta plus where the task ran (task name, worker, queue), but not its arguments: Celery's
+        result_extended would store every request's token arrays again, for a week."""
+        meta = super()._get_result_meta(result, state, traceback, request, format_date, encode)
+        if request is not None:
+            meta.update(name=getattr(request, "task", None), worker=getattr(request, "hostname", None), queue=(getattr(request, "delivery_info", None) or {}).get("routing_key"))
+        return meta
+
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any) -> Any:
         if self.serializer != "msgpack":
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)
