@@ -6,6 +6,7 @@ Never imports torch (DESIGN rule 1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -25,6 +26,7 @@ from tasks.celery_app import adapter_queue, sample_queue, task_message, worker_q
 EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiting for
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
+BUILTIN_TTL_S = 10.0
 
 
 def _spec(cls: type, values: dict[str, Any] | None, field_name: str) -> Any:
@@ -85,6 +87,8 @@ class Service:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
+        self._builtin_losses: set[str] = set()
+        self._builtin_read_at = float("-inf")
 
     # ---- publishing -----------------------------------------------------------------------
     def _message(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> str:
@@ -95,19 +99,15 @@ class Service:
         """Publish a task that needs no ordering (create an adapter, sample)."""
         self.registry.push(queue, self._message(task, kwargs, queue, request_id, summary))
 
-    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any], checked: bool = False) -> str:
-        """Admit a request that touches an adapter: published in seq_id order, each seq_id once (one atomic script).
-
-        checked: the caller already looked the model up for this owner.
-        """
-        if not checked:
-            self.registry.model(model_id, owner)
+    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any]) -> str:
+        """Admit a request that touches the owner's model: published in seq_id order, each seq_id once (one atomic
+        script, which also checks the model is the owner's)."""
         if seq_id is None:
-            seq_id = self.registry.next_seq(model_id)
+            seq_id = self.registry.next_seq(model_id, owner)
         request_id = str(uuid.uuid4())
         queue = adapter_queue(model_id)
         message = self._message(task, {**kwargs, "seq_id": seq_id}, queue, request_id, {**summary, "seq_id": seq_id})
-        answer_id = self.registry.submit(model_id, seq_id, request_id, message, {"owner": owner, "kind": kind, "model_id": model_id}, queue)
+        answer_id = self.registry.submit(model_id, seq_id, request_id, message, {"owner": owner, "kind": kind, "model_id": model_id}, queue, owner)
         if answer_id.startswith(EXPIRED):
             raise UserError(f"seq_id {seq_id}: arrived after {model_id}'s later requests waited {self.settings.seq_gap_timeout_s:g} s for it and ran without it")
         return answer_id
@@ -117,16 +117,21 @@ class Service:
 
         The Tinker SDK numbers requests on the client without gaps; one it could not submit still reserved its id.
         """
-        try:
-            self.registry.model(model_id, owner)
-        except NotFound:
-            return
-        self.registry.submit(model_id, seq_id, f"refused-{uuid.uuid4()}", "", None, adapter_queue(model_id))
+        with contextlib.suppress(NotFound):
+            self.registry.submit(model_id, seq_id, f"refused-{uuid.uuid4()}", "", None, adapter_queue(model_id), owner)
 
     def release_stalled(self, model_id: str) -> None:
         """Requests held behind a seq_id that never came (a client gave up on it) run without it after a timeout."""
         for seq_id in self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s):
-            self.registry.submit(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", "", None, adapter_queue(model_id))
+            self.registry.submit(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", "", None, adapter_queue(model_id), None)
+
+    def is_builtin_loss(self, name: str) -> bool:
+        """From the catalog the workers publish, re-read at most every BUILTIN_TTL_S (built-ins change only when
+        workers are upgraded; no custom loss can take a built-in's name)."""
+        now = time.monotonic()
+        if now - self._builtin_read_at > BUILTIN_TTL_S:
+            self._builtin_losses, self._builtin_read_at = self.registry.builtin_loss_names(), now
+        return name in self._builtin_losses
 
     def poll(self, future: dict[str, Any], request_id: str, timeout_s: float) -> Any:
         """Long-poll one future (api.futures.wait_result); a pending ordered request may be stalled behind a gap."""
@@ -184,17 +189,19 @@ class Service:
             raise UserError("data: empty batch; send at least one datum")
         if not isinstance(loss_fn, str) or not loss_fn:
             raise UserError("loss_fn: must be a loss name")
-        name = custom_loss_name(loss_fn, loss_fn_config)
-        _model, catalog, builtin, custom_meta = self.registry.model_and_loss(model_id, owner, name)
-        custom_loss = resolve_custom_loss(self.settings, owner, loss_fn, name, builtin, custom_meta)
-        if custom_loss is None and catalog and not builtin:  # before a worker published the catalog, the worker decides
-            raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
+        custom_loss = None
+        if loss_fn == "custom" or not self.is_builtin_loss(loss_fn):
+            name = custom_loss_name(loss_fn, loss_fn_config)
+            _model, catalog, builtin, custom_meta = self.registry.model_and_loss(model_id, owner, name)
+            custom_loss = resolve_custom_loss(self.settings, owner, loss_fn, name, builtin, custom_meta)
+            if custom_loss is None and catalog and not builtin:  # before a worker published the catalog, the worker decides
+                raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
         kwargs = {"model_id": model_id, "data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config, "forward_only": forward_only}
         if custom_loss is not None:
             kwargs["custom_loss"] = custom_loss  # the version current now, so re-registering changes later requests only
         kind = "forward" if forward_only else "forward_backward"
-        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only}, checked=True)
+        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only})
 
     def optim_step(self, owner: str, model_id: str, seq_id: int | None, adam_params: dict[str, Any] | None) -> str:
         spec = adam_spec(adam_params)

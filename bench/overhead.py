@@ -1,8 +1,6 @@
 """What the service costs over running the same work in-process; prints a table.
 
-(a) round-trip latency of a tiny forward_backward: HTTP → Redis → worker → result, vs the backend call in-process;
-    once as the stack starts by default, once with the worker on a core of its own (TINKERBELL_WORKER_CPUS) and
-    the API, Redis and client on the others (the in-process call then runs on the worker's core).
+(a) round-trip latency of a tiny forward_backward: HTTP → Redis → worker → result, vs the backend call in-process.
 (b) SFT throughput (forward_backward + optim_step, batch 8×128) on SmolLM2: service vs a plain PEFT loop.
 Both sides run with the same torch threads and the worker's allocator settings (tasks.worker.tune_malloc).
 Usage: python bench/overhead.py [--latency-iters 200] [--sft-steps 5] [--threads 2] [--latency-threads 1]
@@ -58,10 +56,9 @@ def to_request(model_id: str, data: list[dict]):
     return FwdBwdRequest(model_id, datums)
 
 
-def latency(stack: Stack, models_dir: Path, iters: int, cpus: tuple[set[int], set[int]] | None = None) -> tuple[list[float], list[float]]:
+def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], list[float]]:
     """Milliseconds per tiny forward_backward, through the service and in this process, in alternating blocks so
-    drift in the machine's speed falls on both alike. cpus: (worker's cores, everyone else's): this process
-    computes on the worker's cores and is the client on the others."""
+    drift in the machine's speed falls on both alike."""
     from backends.base import LoraSpec
 
     tb = TinkerbellClient(stack.url, api_key="tml-bench")
@@ -76,29 +73,15 @@ def latency(stack: Stack, models_dir: Path, iters: int, cpus: tuple[set[int], se
     local: list[float] = []
     block = 20
     while len(service) < iters:
-        if cpus:
-            os.sched_setaffinity(0, cpus[1])
         for _ in range(block):
             t0 = time.perf_counter()
             tb.forward_backward(model_id, data).result(60)
             service.append((time.perf_counter() - t0) * 1e3)
-        if cpus:
-            os.sched_setaffinity(0, cpus[0])
         for _ in range(block):
             t0 = time.perf_counter()
             backend.forward_backward([to_request("bench", data)])
             local.append((time.perf_counter() - t0) * 1e3)
-    if cpus:
-        os.sched_setaffinity(0, cpus[0] | cpus[1])
     return service, local
-
-
-def pin_process_tree(pid: int, cpus: set[int]) -> None:
-    """Every thread of a process and of its children (gunicorn's workers) onto `cpus`."""
-    pids = [pid] + [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    for proc in pids:
-        for thread in os.listdir(f"/proc/{proc}/task"):
-            os.sched_setaffinity(int(thread), cpus)
 
 
 def latency_rows(label: str, service: list[float], local: list[float]) -> list[tuple[str, float, float, float]]:
@@ -108,9 +91,9 @@ def latency_rows(label: str, service: list[float], local: list[float]) -> list[t
     ]
 
 
-def start_stack(models_dir: Path, threads: int, base_models: str, worker_cpus: str = "") -> tuple[RedisServer, Stack]:
+def start_stack(models_dir: Path, threads: int, base_models: str) -> tuple[RedisServer, Stack]:
     redis = RedisServer()
-    env = {"TINKERBELL_AUTH": "off", "OMP_NUM_THREADS": str(threads), "TINKERBELL_BASE_MODELS": base_models, "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1"), "TINKERBELL_WORKER_CPUS": worker_cpus}
+    env = {"TINKERBELL_AUTH": "off", "OMP_NUM_THREADS": str(threads), "TINKERBELL_BASE_MODELS": base_models, "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1")}
     stack = Stack(redis, 0, models_dir, Path(tempfile.mkdtemp(prefix="tb-bench-data-")), extra_env=env)
     try:
         stack.start_worker("bench0")
@@ -171,7 +154,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for (b), in the worker and in this process")
     parser.add_argument("--latency-threads", type=int, default=1, help="torch threads for (a): a tiny call runs fastest on one")
     parser.add_argument("--skip-sft", action="store_true")
-    parser.add_argument("--skip-pinned", action="store_true", help="skip (a) with the worker on a core of its own")
     args = parser.parse_args()
     import torch
 
@@ -189,17 +171,6 @@ def main() -> None:
     finally:
         stack.stop()
         redis.stop()
-    cores = sorted(os.sched_getaffinity(0))
-    if not args.skip_pinned and len(cores) >= 2:
-        worker_cpus, other_cpus = {cores[-1]}, set(cores[:-1])
-        redis, stack = start_stack(models_dir, args.latency_threads, TINY_MODEL, str(cores[-1]))
-        try:
-            pin_process_tree(redis.proc.pid, other_cpus)
-            pin_process_tree(stack.procs["api"].pid, other_cpus)
-            rows += latency_rows(f", worker on core {cores[-1]} (TINKERBELL_WORKER_CPUS)", *latency(stack, models_dir, args.latency_iters, (worker_cpus, other_cpus)))
-        finally:
-            stack.stop()
-            redis.stop()
     if not args.skip_sft:
         torch.set_num_threads(args.threads)
         redis, stack = start_stack(models_dir, args.threads, SMOL)

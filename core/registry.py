@@ -44,11 +44,17 @@ def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
 # nothing can run out of seq_id order, and no crash between "admitted" and "published" can lose a request.
 # KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> broker message; '' = nothing to
 #       run), 4 next seq counter, 5 held-since hash, 6 the future's hash, 7 pending-futures zset, 8 the adapter's
-#       queue (a list in the broker's db).
+#       queue (a list in the broker's db), 9 the model's record.
 # ARGV: 1 seq_id, 2 request id, 3 broker message, 4 broker db, 5 now, 6 '1' = record a future for the request,
-#       7-9 future owner/kind/model_id (JSON), 10 future ttl seconds, 11 pending-futures cap.
-# Returns {request id to answer with, number of messages pushed}; a seq_id seen before answers with its first id.
+#       7-9 future owner/kind/model_id (JSON), 10 future ttl seconds, 11 pending-futures cap, 12 the owner the model
+#       must have (JSON; '' = no check).
+# Returns {request id to answer with, number of messages pushed}; a seq_id seen before answers with its first id;
+# {'', -1} when the model is not the owner's (or was removed).
 _SUBMIT_LUA = """
+if ARGV[12] ~= '' then
+  local model = redis.call('HMGET', KEYS[9], 'owner', 'deleted')
+  if model[1] ~= ARGV[12] or model[2] == 'true' then return {'', -1} end
+end
 local seq = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], seq)
 if existing then return {existing, 0} end
@@ -87,8 +93,11 @@ return redis.call('LPUSH', KEYS[1], ARGV[2])
 """
 
 # The seq_id for a request that brings none: next after everything admitted or handed out so far.
-# KEYS: 1 admitted zset, 2 next seq counter, 3 last handed-out counter.
+# KEYS: 1 admitted zset, 2 next seq counter, 3 last handed-out counter, 4 the model's record.
+# ARGV: 1 the owner the model must have (JSON). Returns -1 when the model is not the owner's.
 _RESERVE_LUA = """
+local model = redis.call('HMGET', KEYS[4], 'owner', 'deleted')
+if model[1] ~= ARGV[1] or model[2] == 'true' then return -1 end
 local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local highest = 0
 if top[2] then highest = tonumber(top[2]) end
@@ -264,29 +273,35 @@ class Registry:
         return self._owned("future", request_id, owner, "request_id")
 
     # ---- per-model ordering (DESIGN rule 3) -----------------------------------------------
-    def submit(self, model_id: str, seq_id: int, request_id: str, message: str, future: dict[str, Any] | None, queue: str) -> str:
+    def submit(self, model_id: str, seq_id: int, request_id: str, message: str, future: dict[str, Any] | None, queue: str, owner: str | None) -> str:
         """Admit request `seq_id` of a model and push onto its queue every message that is now next in order.
 
         Returns the request id to answer with: `request_id`, or the first one's if this seq_id was seen before
         (a re-send applies once). A seq_id ahead of the next expected waits here until the gap fills.
         message: the broker message (tasks.celery_app.task_message), or "" for a seq_id that runs nothing.
         future: {owner, kind, model_id} to record for a newly admitted request.
+        owner: NotFound unless the model is this owner's (None: no check, for the service's own bookkeeping).
         """
         base = P + f"seq:{model_id}"
-        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since", P + f"future:{request_id}", PENDING_FUTURES, queue]
+        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since", P + f"future:{request_id}", PENDING_FUTURES, queue, P + f"model:{model_id}"]
         future = future or {}
-        args = [str(seq_id), request_id, message, self.broker_db, time.time(), "1" if future else "0", _dumps(future.get("owner")), _dumps(future.get("kind")), _dumps(future.get("model_id")), FUTURE_TTL_S, PENDING_FUTURES_MAX]
-        answer_id, _pushed = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
+        args = [str(seq_id), request_id, message, self.broker_db, time.time(), "1" if future else "0", _dumps(future.get("owner")), _dumps(future.get("kind")), _dumps(future.get("model_id")), FUTURE_TTL_S, PENDING_FUTURES_MAX, "" if owner is None else _dumps(owner)]
+        answer_id, pushed = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
+        if pushed == -1:
+            raise NotFound(f"model_id: no such model '{model_id}'")
         return answer_id
 
     def push(self, queue: str, message: str) -> None:
         """Publish a broker message (tasks.celery_app.task_message) that needs no ordering."""
         self._script("_push", _PUSH_LUA)(keys=[queue], args=[self.broker_db, message])
 
-    def next_seq(self, model_id: str) -> int:
+    def next_seq(self, model_id: str, owner: str) -> int:
         """Hand out the seq_id for a request that came without one (native callers that do not number)."""
         base = P + f"seq:{model_id}"
-        return int(self._script("_reserve", _RESERVE_LUA)(keys=[base + ":admitted", base + ":next", base + ":reserved"]))
+        seq = int(self._script("_reserve", _RESERVE_LUA)(keys=[base + ":admitted", base + ":next", base + ":reserved", P + f"model:{model_id}"], args=[_dumps(owner)]))
+        if seq < 0:
+            raise NotFound(f"model_id: no such model '{model_id}'")
+        return seq
 
     @cached_property
     def broker_db(self) -> int:
@@ -354,6 +369,9 @@ class Registry:
     def custom_losses(self, owner: str) -> list[dict[str, Any]]:
         """Latest version of each of the owner's custom losses (metadata only, not code)."""
         return [json.loads(v) for v in self.redis.hvals(P + f"losses:custom:{owner}")]
+
+    def builtin_loss_names(self) -> set[str]:
+        return set(self.redis.hkeys(P + "losses:builtin"))
 
     def model_and_loss(self, model_id: str, owner: str, loss_name: str) -> tuple[dict[str, Any], bool, bool, str | None]:
         """One round trip for a training request: (the owner's model, loss catalog published?, built-in loss?,

@@ -26,8 +26,6 @@ class Settings:
     data_dir: str = field(default=".data", metadata={"env": "TINKERBELL_DATA_DIR", "help": "Checkpoints and converted models; every worker must be able to read it."})
     models_dir: str = field(default="", metadata={"env": "TINKERBELL_MODELS_DIR", "help": "Extra directory searched first for base models (<org>/<name> or <org>--<name>)."})
     device: str = field(default="cpu", metadata={"env": "TINKERBELL_DEVICE", "help": "Worker device: cpu or cuda:N."})
-    worker_cpus: str = field(default="", metadata={"env": "TINKERBELL_WORKER_CPUS", "help": "CPU cores a worker runs on, like 2-5,8 (empty: all). Keeps its compute off the cores the API and Redis use."})
-    torch_threads: int = field(default=0, metadata={"env": "TINKERBELL_TORCH_THREADS", "help": "Intra-op threads of a worker's torch; 0 means torch's default (one per core the worker may use)."})
     worker_name: str = field(default="", metadata={"env": "TINKERBELL_WORKER_NAME", "help": "Worker name (queue worker.<name>); empty means derived from the device."})
     base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"env": "TINKERBELL_BASE_MODEL", "help": "Default base model."})
     base_models: str = field(default="", metadata={"env": "TINKERBELL_BASE_MODELS", "help": "Comma-separated base models a worker loads at start; empty means the default one."})

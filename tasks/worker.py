@@ -34,29 +34,6 @@ def pin_device(device: str) -> str:
     raise SystemExit(f"--device must be cpu or cuda:N, not {device!r}")
 
 
-def parse_cpus(spec: str) -> set[int]:
-    """"2-5,8" -> {2, 3, 4, 5, 8}."""
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        low, _, high = part.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
-            raise SystemExit(f"TINKERBELL_WORKER_CPUS: {spec!r} is not a list of cores like 2-5,8")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
-
-
-def pin_cpus(spec: str, torch_threads: int) -> None:
-    """Run this process on the given cores; torch, loaded later, sizes its thread pool to them (or torch_threads)."""
-    if spec:
-        cpus = parse_cpus(spec)
-        try:
-            os.sched_setaffinity(0, cpus)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"TINKERBELL_WORKER_CPUS={spec}: cannot run on cores {sorted(cpus)}: {exc}") from None
-    if torch_threads > 0:
-        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
-
-
 def _heartbeat_loop(stop: threading.Event) -> None:
     from tasks.runtime import runtime
 
@@ -152,10 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["TINKERBELL_DEVICE"] = pin_device(args.device)  # before anything imports torch
     os.environ["TINKERBELL_WORKER_NAME"] = name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from core.settings import Settings
-
-    settings = Settings.from_env()
-    pin_cpus(settings.worker_cpus, settings.torch_threads)
     tune_malloc()
     logging.basicConfig(level=args.loglevel.upper(), format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", stream=sys.stdout)
 
