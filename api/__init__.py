@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
+    _ = registry.broker_db  # fail at start, not on the first request, if the registry is not on the broker's server
     app = Flask(__name__)
     app.request_class = ApiRequest
     app.config.update(SETTINGS=settings, REGISTRY=registry, SERVICE=Service(settings, registry))

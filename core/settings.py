@@ -22,7 +22,7 @@ class Settings:
 
     broker_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"env": "TINKERBELL_BROKER_URL", "help": "Celery broker (Redis)."})
     result_backend: str = field(default="", metadata={"env": "TINKERBELL_RESULT_BACKEND", "help": "Celery result backend; empty means the broker URL."})
-    redis_url: str = field(default="", metadata={"env": "TINKERBELL_REDIS_URL", "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL."})
+    redis_url: str = field(default="", metadata={"env": "TINKERBELL_REDIS_URL", "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL. Must be on the broker's Redis server (another db is fine): requests are admitted and queued in one script."})
     data_dir: str = field(default=".data", metadata={"env": "TINKERBELL_DATA_DIR", "help": "Checkpoints and converted models; every worker must be able to read it."})
     models_dir: str = field(default="", metadata={"env": "TINKERBELL_MODELS_DIR", "help": "Extra directory searched first for base models (<org>/<name> or <org>--<name>)."})
     device: str = field(default="cpu", metadata={"env": "TINKERBELL_DEVICE", "help": "Worker device: cpu or cuda:N."})

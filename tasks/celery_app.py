@@ -103,7 +103,7 @@ def task_message(task: str, kwargs: dict[str, Any], task_id: str, queue: str, kw
     (base64 body, delivery info for the default exchange), so a worker cannot tell it from one send_task made.
     api/ pushes it inside the registry's admission script: ordering and publishing are one atomic step.
     """
-    headers, properties, body, _ = app.amqp.as_task_v2(task_id, task, kwargs=kwargs, argsrepr="()", kwargsrepr=kwargsrepr, origin=ORIGIN)
+    headers, properties, body, _ = app.amqp.as_task_v2(task_id, task, kwargs=kwargs, argsrepr="()", kwargsrepr=kwargsrepr, origin=ORIGIN, ignore_result=None)
     content_type, content_encoding, data = serialize(body, serializer=app.conf.task_serializer)
     envelope = {
         "body": base64.b64encode(data).decode(),

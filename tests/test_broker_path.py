@@ -1,0 +1,116 @@
+"""The request path below the API on a real Redis: the atomic submit script, the broker messages api/ builds
+instead of calling send_task, and the one-round-trip result store."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import msgpack
+import pytest
+import redis
+
+from core.errors import NotFound
+from core.registry import Registry
+from core.settings import Settings
+from tasks.celery_app import ResultBackend, adapter_queue, task_message
+from tasks.celery_app import app as celery_app
+
+DB = 63  # the tests' redis-server has 64 dbs; stacks count up from 1
+
+
+@pytest.fixture
+def url(redis_server) -> str:
+    redis.Redis.from_url(redis_server.url(DB)).flushdb()
+    return redis_server.url(DB)
+
+
+def test_task_message_is_what_send_task_pushes(url: str) -> None:
+    queue = adapter_queue("s:train:0")
+    kwargs = {"model_id": "s:train:0", "seq_id": 3, "data": [{"tokens": b"\x01\x02"}]}
+    with celery_app.connection_for_write(url) as connection:
+        celery_app.send_task("tinkerbell.forward_backward", kwargs=kwargs, task_id="by-celery", queue=queue, kwargsrepr='{"seq_id": 3}', argsrepr="()", connection=connection)
+    client = redis.Redis.from_url(url)
+    sent = json.loads(client.rpop(queue))
+    ours = json.loads(task_message("tinkerbell.forward_backward", kwargs, "by-celery", queue, '{"seq_id": 3}'))
+
+    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == {k: v for k, v in sent.items() if k not in ("body", "headers", "properties")}
+    assert msgpack.unpackb(base64.b64decode(ours["body"])) == msgpack.unpackb(base64.b64decode(sent["body"]))
+    assert {k: v for k, v in ours["headers"].items() if k != "origin"} == {k: v for k, v in sent["headers"].items() if k != "origin"}
+    for key in ("correlation_id", "delivery_mode", "delivery_info", "priority", "body_encoding"):
+        assert ours["properties"][key] == sent["properties"][key], key
+    assert ours["properties"]["delivery_tag"] != sent["properties"]["delivery_tag"]  # unique per message
+
+
+def model_registry(url: str, owner: str = "alice", model_id: str = "s:train:0") -> Registry:
+    registry = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": url}))
+    registry._put(f"model:{model_id}", {"owner": owner})
+    return registry
+
+
+def test_submit_holds_a_gap_then_pushes_in_seq_order_once(url: str) -> None:
+    registry, queue = model_registry(url), adapter_queue("s:train:0")
+    client = redis.Redis.from_url(url, decode_responses=True)
+
+    assert registry.submit("s:train:0", 2, "r2", "m2", {"owner": "alice", "kind": "forward_backward", "model_id": "s:train:0"}, queue, "alice") == "r2"
+    assert client.llen(queue) == 0  # seq 1 has not arrived
+    assert registry.submit("s:train:0", 1, "r1", "m1", {"owner": "alice", "kind": "optim_step", "model_id": "s:train:0"}, queue, "alice") == "r1"
+    assert [client.rpop(queue), client.rpop(queue)] == ["m1", "m2"]  # a worker's BRPOP takes them in seq order
+
+    assert registry.submit("s:train:0", 1, "r1-again", "m1-again", None, queue, "alice") == "r1"  # a re-send answers the first id
+    assert client.llen(queue) == 0
+    assert registry.future("r2", "alice")["kind"] == "forward_backward"
+    with pytest.raises(NotFound):
+        registry.future("r1-again", "alice")
+
+    registry.submit("s:train:0", 4, "r4", "m4", None, queue, "alice")
+    registry.submit("s:train:0", 3, "skipped", "", None, queue, None)  # a refused seq_id runs nothing, releases what waits
+    assert client.lrange(queue, 0, -1) == ["m4"]
+
+
+def test_submit_refuses_another_owners_or_a_removed_model(url: str) -> None:
+    registry, queue = model_registry(url), adapter_queue("s:train:0")
+    with pytest.raises(NotFound, match="model_id"):
+        registry.submit("s:train:0", 1, "r1", "m1", None, queue, "mallory")
+    with pytest.raises(NotFound, match="model_id"):
+        registry.next_seq("s:train:0", "mallory")
+    registry._put("model:s:train:0", {"deleted": True})
+    with pytest.raises(NotFound):
+        registry.submit("s:train:0", 1, "r1", "m1", None, queue, "alice")
+    assert redis.Redis.from_url(url).llen(queue) == 0
+
+
+def test_next_seq_follows_everything_admitted_or_handed_out(url: str) -> None:
+    registry, queue = model_registry(url), adapter_queue("s:train:0")
+    registry.submit("s:train:0", 5, "r5", "m5", None, queue, "alice")
+    assert registry.next_seq("s:train:0", "alice") == 6
+    assert registry.next_seq("s:train:0", "alice") == 7
+
+
+def test_registry_must_live_on_the_brokers_server(url: str) -> None:
+    same_server = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": url, "TINKERBELL_REDIS_URL": url.rsplit("/", 1)[0] + "/5"}))
+    assert same_server.broker_db == DB
+    elsewhere = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": url, "TINKERBELL_REDIS_URL": "redis://10.255.255.1:6379/0"}))
+    with pytest.raises(ValueError, match="TINKERBELL_REDIS_URL"):
+        _ = elsewhere.broker_db
+
+
+def test_result_store_never_overwrites_a_success_and_publishes_what_it_stores(url: str) -> None:
+    backend = ResultBackend(app=celery_app, url=url)
+    key = backend.get_key_for_task("t1")
+    pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(key)
+    backend.store_result("t1", {"logprobs": b"\x00\x01", "loss": 1.5}, "SUCCESS")
+    message = None
+    while message is None:
+        message = pubsub.get_message(timeout=5)
+    assert message["data"] == backend.client.get(key)
+    assert backend.decode_result(message["data"])["result"] == {"logprobs": b"\x00\x01", "loss": 1.5}
+    assert 0 < backend.client.ttl(key) <= backend.expires
+
+    backend.store_result("t1", RuntimeError("a lost duplicate failed"), "FAILURE")
+    assert backend.get_task_meta("t1")["status"] == "SUCCESS"
+    backend.store_result("t2", RuntimeError("first try failed"), "FAILURE")
+    backend.store_result("t2", 7, "SUCCESS")
+    assert backend.get_task_meta("t2")["result"] == 7
+    pubsub.close()
