@@ -9,6 +9,7 @@ import json
 import msgpack
 import pytest
 import redis
+from celery import Celery
 
 from core.errors import NotFound
 from core.registry import Registry
@@ -28,8 +29,9 @@ def url(redis_server) -> str:
 def test_task_message_is_what_send_task_pushes(url: str) -> None:
     queue = adapter_queue("s:train:0")
     kwargs = {"model_id": "s:train:0", "seq_id": 3, "data": [{"tokens": b"\x01\x02"}]}
-    with celery_app.connection_for_write(url) as connection:
-        celery_app.send_task("tinkerbell.forward_backward", kwargs=kwargs, task_id="by-celery", queue=queue, kwargsrepr='{"seq_id": 3}', argsrepr="()", connection=connection)
+    celery = Celery("tinkerbell", broker=url, backend=url, set_as_current=False)  # its own backend: send_task subscribes there
+    celery.conf.update(task_serializer=celery_app.conf.task_serializer, accept_content=celery_app.conf.accept_content)
+    celery.send_task("tinkerbell.forward_backward", kwargs=kwargs, task_id="by-celery", queue=queue, kwargsrepr='{"seq_id": 3}', argsrepr="()")
     client = redis.Redis.from_url(url)
     sent = json.loads(client.rpop(queue))
     ours = json.loads(task_message("tinkerbell.forward_backward", kwargs, "by-celery", queue, '{"seq_id": 3}'))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import signal
 
 from client import TinkerbellClient
+from tasks.celery_app import ResultBackend
 from tasks.celery_app import app as celery_app
 from tests.test_service import make_datum
 
 
 def ran_on(stack, request_id: str) -> str:
-    """The Celery node that executed a task, from its extended result meta."""
-    celery_app.conf.result_backend = stack.env["TINKERBELL_BROKER_URL"]
-    backend = celery_app.backend
+    """The Celery node that executed a task, as its stored result records it."""
+    backend = ResultBackend(app=celery_app, url=stack.env["TINKERBELL_BROKER_URL"])
     return backend.get_task_meta(request_id)["worker"].split("@")[0]
 
 
