@@ -205,14 +205,17 @@ class HFTrainingBackend:
             base.activate(adapter.name, trainable=True)
             attention = None if min(lengths) == width else mask
             logits = base.model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, L, V)
-            # One gather and one logsumexp over the whole batch: slicing (B, L, V) per datum would make autograd
+            # One log_softmax and one gather over the whole batch: slicing (B, L, V) per datum would make autograd
             # allocate a zero (B, L, V) gradient per datum on the way back (measured: ~30% of an SmolLM2 step).
             widths = [1 if t.dim() == 1 else int(t.shape[1]) for t in p.targets]
             index = torch.zeros((batch, width, max(widths)), dtype=torch.int64, device=self.device)  # (B, L, K)
             for i, (n, target) in enumerate(zip(lengths, p.targets)):
                 index[i, :n, : widths[i]] = target.reshape(n, widths[i])
+            # log_softmax keeps only its output for the backward pass, so the logits can go at once (del below): the
+            # same memory as gather - logsumexp, which keeps the logits, and measured 7 % faster per SmolLM2 step.
             logits = logits.float()  # (B, L, V); position j predicts target j (the caller already shifted)
-            lp_all = logits.gather(-1, index) - torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, L, K), log_softmax without a (B, L, V) copy
+            lp_all = torch.log_softmax(logits, dim=-1).gather(-1, index)  # (B, L, K)
+            del logits
             logprobs = [lp_all[i, :n, : widths[i]].reshape(p.targets[i].shape) for i, n in enumerate(lengths)]  # (N,) or (N, K)
             loss, metrics = compute_loss(p.request.loss_fn, logprobs, p.inputs, p.request.loss_fn_config or {})
             if not p.request.forward_only and loss.requires_grad:

@@ -104,7 +104,7 @@ def ref_logprobs_batched(model, data: list[Datum]) -> list[torch.Tensor]:
     out = []
     for i, d in enumerate(data):
         row, target = logits[i, : lengths[i]], torch.as_tensor(d.loss_fn_inputs["target_tokens"])
-        lp = row.gather(-1, target.reshape(lengths[i], -1)) - torch.logsumexp(row, -1, keepdim=True)
+        lp = torch.log_softmax(row, -1).gather(-1, target.reshape(lengths[i], -1))
         out.append(lp.reshape(target.shape))
     return out
 
