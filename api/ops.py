@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -64,70 +62,26 @@ def bucket_index(seconds: float) -> int:
     return len(BUCKETS) - 1
 
 
-class RequestCounters:
-    """This process's request counts and latencies, added to the Redis totals in one round trip about once a
-    second by a daemon thread (and before this process reports them), never on a request's own path."""
-
-    FLUSH_S = 1.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str], int] = defaultdict(int)  # (key, field) -> count
-        self._seconds: dict[str, float] = defaultdict(float)
-        self._recent: list[str] = []
-        self._thread: tuple[int, threading.Thread] | None = None  # (pid, thread): a forked child starts its own
-
-    def add(self, method: str, route: str, status: int, seconds: float, recent: bool) -> None:
-        with self._lock:
-            self._counts[(REQUESTS_KEY, f"{method}\t{route}\t{status}")] += 1
-            self._counts[(LATENCY_KEY, f"{method}\t{route}\t{bucket_index(seconds)}")] += 1
-            self._seconds[f"{method}\t{route}"] += seconds
-            if recent:
-                entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": round(seconds * 1000, 1)}
-                self._recent = [json.dumps(entry, separators=(",", ":")), *self._recent][:RECENT_MAX]
-
-    def start(self, client: redis.Redis) -> None:
-        if self._thread is None or self._thread[0] != os.getpid():
-            thread = threading.Thread(target=self._run, args=(client,), name="request metrics", daemon=True)
-            self._thread = (os.getpid(), thread)
-            thread.start()
-
-    def _run(self, client: redis.Redis) -> None:
-        while True:
-            time.sleep(self.FLUSH_S)
-            self.flush(client)
-
-    def flush(self, client: redis.Redis) -> None:
-        with self._lock:
-            counts, seconds, recent = self._counts, self._seconds, self._recent
-            self._counts, self._seconds, self._recent = defaultdict(int), defaultdict(float), []
-        if not counts:
-            return
-        try:
-            pipe = client.pipeline(transaction=False)
-            for (key, name), count in counts.items():
-                pipe.hincrby(key, name, count)
-            for name, total in seconds.items():
-                pipe.hincrbyfloat(LATENCY_SUM_KEY, name, total)
-            if recent:
-                pipe.lpush(RECENT_KEY, *reversed(recent))
-                pipe.ltrim(RECENT_KEY, 0, RECENT_MAX - 1)
-            pipe.execute()
-        except redis.RedisError:  # metrics must never fail a request; these counts are lost
-            log.warning("could not record request metrics", exc_info=True)
-
-
-counters = RequestCounters()
-
-
 @bp.after_app_request
 def record_request(response: Response) -> Response:
-    """Count the request by route and status and add its latency to the histogram (in memory; see RequestCounters)."""
+    """Count the request by route and status and add its latency to the histogram, in one Redis round trip."""
     started = g.get("started")
     if started is None:
         return response
-    counters.start(current_app.config["REGISTRY"].redis)
-    counters.add(request.method, route_label(), response.status_code, max(0.0, time.perf_counter() - started), request.endpoint not in QUIET_ENDPOINTS)
+    seconds = max(0.0, time.perf_counter() - started)
+    method, route, status = request.method, route_label(), response.status_code
+    try:
+        pipe = current_app.config["REGISTRY"].redis.pipeline(transaction=False)
+        pipe.hincrby(REQUESTS_KEY, f"{method}\t{route}\t{status}", 1)
+        pipe.hincrby(LATENCY_KEY, f"{method}\t{route}\t{bucket_index(seconds)}", 1)
+        pipe.hincrbyfloat(LATENCY_SUM_KEY, f"{method}\t{route}", seconds)
+        if request.endpoint not in QUIET_ENDPOINTS:
+            entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": round(seconds * 1000, 1)}
+            pipe.lpush(RECENT_KEY, json.dumps(entry, separators=(",", ":")))
+            pipe.ltrim(RECENT_KEY, 0, RECENT_MAX - 1)
+        pipe.execute()
+    except redis.RedisError:  # metrics must never fail a request
+        log.warning("could not record request metrics", exc_info=True)
     return response
 
 
@@ -189,7 +143,6 @@ def pending_futures(registry: Registry) -> int:
 def snapshot(app: Flask) -> dict[str, Any]:
     """Everything the status page and /metrics report, read from Redis once."""
     registry: Registry = app.config["REGISTRY"]
-    counters.flush(registry.redis)  # this process's latest requests too
     workers = registry.live_workers()
     return {
         "workers": workers,
