@@ -95,9 +95,9 @@ class Service:
         """The broker message for a task, with a short, readable argument summary for Flower (never raw token arrays)."""
         return task_message(task, kwargs, request_id, queue, json.dumps(summary))
 
-    def publish(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> None:
-        """Publish a task that needs no ordering (create an adapter, sample)."""
-        self.registry.push(queue, self._message(task, kwargs, queue, request_id, summary))
+    def publish(self, owner: str, kind: str, model_id: str | None, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> None:
+        """Record the future of a task that needs no ordering (create an adapter, sample) and publish it, in one step."""
+        self.registry.push(queue, self._message(task, kwargs, queue, request_id, summary), request_id, owner, kind, model_id)
 
     def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any]) -> str:
         """Admit a request that touches the owner's model: published in seq_id order, each seq_id once (one atomic
@@ -107,7 +107,7 @@ class Service:
         request_id = str(uuid.uuid4())
         queue = adapter_queue(model_id)
         message = self._message(task, {**kwargs, "seq_id": seq_id}, queue, request_id, {**summary, "seq_id": seq_id})
-        answer_id = self.registry.submit(model_id, seq_id, request_id, message, {"owner": owner, "kind": kind, "model_id": model_id}, queue, owner)
+        answer_id = self.registry.submit(model_id, seq_id, request_id, message, queue, owner, kind)
         if answer_id.startswith(EXPIRED):
             raise UserError(f"seq_id {seq_id}: arrived after {model_id}'s later requests waited {self.settings.seq_gap_timeout_s:g} s for it and ran without it")
         return answer_id
@@ -118,12 +118,12 @@ class Service:
         The Tinker SDK numbers requests on the client without gaps; one it could not submit still reserved its id.
         """
         with contextlib.suppress(NotFound):
-            self.registry.submit(model_id, seq_id, f"refused-{uuid.uuid4()}", "", None, adapter_queue(model_id), owner)
+            self.registry.submit(model_id, seq_id, f"refused-{uuid.uuid4()}", "", adapter_queue(model_id), owner)
 
     def release_stalled(self, model_id: str) -> None:
         """Requests held behind a seq_id that never came (a client gave up on it) run without it after a timeout."""
         for seq_id in self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s):
-            self.registry.submit(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", "", None, adapter_queue(model_id), None)
+            self.registry.submit(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", "", adapter_queue(model_id), None)
 
     def is_builtin_loss(self, name: str) -> bool:
         """From the catalog the workers publish, re-read at most every BUILTIN_TTL_S (built-ins change only when
@@ -174,9 +174,8 @@ class Service:
                 return model_id, existing["create_request_id"]  # a re-sent create (lost response): same future
             raise UserError(f"model_seq_id: model {model_id} already exists in this session")
         self.registry.update_model(model_id, create_request_id=request_id)
-        self.registry.record_future(request_id, owner, "create_model", model_id)
         kwargs = {"model_id": model_id, "base_model": base_model, "lora": asdict(spec), "load_path": (load or {}).get("dir"), "with_optimizer": bool((load or {}).get("with_optimizer"))}
-        self.publish("tinkerbell.create_adapter", kwargs, worker_queue(worker), request_id, {"model_id": model_id, "base_model": base_model, "rank": spec.rank})
+        self.publish(owner, "create_model", model_id, "tinkerbell.create_adapter", kwargs, worker_queue(worker), request_id, {"model_id": model_id, "base_model": base_model, "rank": spec.rank})
         return model_id, request_id
 
     def remove_model(self, owner: str, model_id: str) -> str:
@@ -248,9 +247,8 @@ class Service:
         if not prompt["shape"] or prompt["shape"][0] == 0:
             raise UserError("prompt: empty prompt")
         request_id = str(uuid.uuid4())
-        self.registry.record_future(request_id, owner, "sample")
         kwargs = {"base_model": base_model, "adapter_dir": adapter_dir, "prompt": prompt, "sampling_params": asdict(spec), "num_samples": num_samples, "prompt_logprobs": bool(prompt_logprobs), "topk_prompt_logprobs": int(topk_prompt_logprobs or 0)}
-        self.publish("tinkerbell.sample", kwargs, sample_queue(base_model), request_id, {"base_model": base_model, "adapter": adapter_dir is not None, "prompt_len": prompt["shape"][0], "num_samples": num_samples, "max_tokens": spec.max_tokens})
+        self.publish(owner, "sample", None, "tinkerbell.sample", kwargs, sample_queue(base_model), request_id, {"base_model": base_model, "adapter": adapter_dir is not None, "prompt_len": prompt["shape"][0], "num_samples": num_samples, "max_tokens": spec.max_tokens})
         return request_id
 
     def sampler_target(self, owner: str, base_model: str | None, model_path: str | None) -> tuple[str, str | None]:

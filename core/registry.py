@@ -40,32 +40,38 @@ def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
+# Records a future for /retrieve_future (owner, kind and model_id are JSON) and lists it as pending for /metrics,
+# keeping that list bounded even if nobody scrapes. Prepended to the scripts that create requests.
+_FUTURE_LUA = """
+local function record_future(key, pending, request_id, owner, kind, model_id, now, ttl, cap)
+  redis.call('HSET', key, 'owner', owner, 'kind', kind, 'model_id', model_id, 'created', now)
+  redis.call('EXPIRE', key, ttl)
+  redis.call('ZADD', pending, now, request_id)
+  redis.call('ZREMRANGEBYRANK', pending, 0, -tonumber(cap) - 1)
+end
+"""
+
 # Admission of one request of a model, and the publishing of every request it makes ready, in one atomic script:
 # nothing can run out of seq_id order, and no crash between "admitted" and "published" can lose a request.
 # KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> broker message; '' = nothing to
 #       run), 4 next seq counter, 5 held-since hash, 6 the future's hash, 7 pending-futures zset, 8 the adapter's
 #       queue (a list in the broker's db), 9 the model's record.
-# ARGV: 1 seq_id, 2 request id, 3 broker message, 4 broker db, 5 now, 6 '1' = record a future for the request,
-#       7-9 future owner/kind/model_id (JSON), 10 future ttl seconds, 11 pending-futures cap, 12 the owner the model
-#       must have (JSON; '' = no check).
+# ARGV: 1 seq_id, 2 request id, 3 broker message, 4 broker db, 5 now, 6 the owner the model must have (JSON;
+#       '' = no check), 7 the future's kind (JSON; '' = record no future), 8 model_id (JSON), 9 future ttl seconds,
+#       10 pending-futures cap.
 # Returns {request id to answer with, number of messages pushed}; a seq_id seen before answers with its first id;
 # {'', -1} when the model is not the owner's (or was removed).
-_SUBMIT_LUA = """
-if ARGV[12] ~= '' then
+_SUBMIT_LUA = _FUTURE_LUA + """
+if ARGV[6] ~= '' then
   local model = redis.call('HMGET', KEYS[9], 'owner', 'deleted')
-  if model[1] ~= ARGV[12] or model[2] == 'true' then return {'', -1} end
+  if model[1] ~= ARGV[6] or model[2] == 'true' then return {'', -1} end
 end
 local seq = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], seq)
 if existing then return {existing, 0} end
 redis.call('HSET', KEYS[1], seq, ARGV[2])
 redis.call('ZADD', KEYS[2], seq, seq)
-if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[6], 'owner', ARGV[7], 'kind', ARGV[8], 'model_id', ARGV[9], 'created', ARGV[5])
-  redis.call('EXPIRE', KEYS[6], ARGV[10])
-  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[2])
-  redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -tonumber(ARGV[11]) - 1)
-end
+if ARGV[7] ~= '' then record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10]) end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
 local first = tonumber(redis.call('GET', KEYS[4]) or '1')
 local nxt = first
@@ -86,10 +92,13 @@ end
 return {ARGV[2], #ready}
 """
 
-# KEYS: 1 a queue (a list in the broker's db). ARGV: 1 broker db, 2 broker message.
-_PUSH_LUA = """
+# A request that needs no ordering (create an adapter, sample): record its future, then push its message.
+# KEYS: 1 the future's hash, 2 pending-futures zset, 3 a queue (a list in the broker's db).
+# ARGV: 1 broker db, 2 broker message, 3 request id, 4-6 owner/kind/model_id (JSON), 7 now, 8 ttl, 9 cap.
+_PUSH_LUA = _FUTURE_LUA + """
+record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 redis.call('SELECT', tonumber(ARGV[1]))
-return redis.call('LPUSH', KEYS[1], ARGV[2])
+return redis.call('LPUSH', KEYS[3], ARGV[2])
 """
 
 # The seq_id for a request that brings none: next after everything admitted or handed out so far.
@@ -260,40 +269,32 @@ class Registry:
         return min(serving, key=lambda w: (len(w["adapters"]), w["name"]))["name"]
 
     # ---- futures --------------------------------------------------------------------------
-    def record_future(self, request_id: str, owner: str, kind: str, model_id: str | None = None, ttl_s: int = FUTURE_TTL_S) -> None:
-        key = P + f"future:{request_id}"
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping={"owner": _dumps(owner), "kind": _dumps(kind), "model_id": _dumps(model_id), "created": _dumps(time.time())})
-            pipe.expire(key, ttl_s)
-            pipe.zadd(PENDING_FUTURES, {request_id: time.time()})  # api/ops.py settles it for /metrics
-            pipe.zremrangebyrank(PENDING_FUTURES, 0, -PENDING_FUTURES_MAX - 1)  # bounded even if nobody scrapes
-            pipe.execute()
-
     def future(self, request_id: str, owner: str) -> dict[str, Any]:
         return self._owned("future", request_id, owner, "request_id")
 
     # ---- per-model ordering (DESIGN rule 3) -----------------------------------------------
-    def submit(self, model_id: str, seq_id: int, request_id: str, message: str, future: dict[str, Any] | None, queue: str, owner: str | None) -> str:
+    def submit(self, model_id: str, seq_id: int, request_id: str, message: str, queue: str, owner: str | None, kind: str | None = None) -> str:
         """Admit request `seq_id` of a model and push onto its queue every message that is now next in order.
 
         Returns the request id to answer with: `request_id`, or the first one's if this seq_id was seen before
         (a re-send applies once). A seq_id ahead of the next expected waits here until the gap fills.
         message: the broker message (tasks.celery_app.task_message), or "" for a seq_id that runs nothing.
-        future: {owner, kind, model_id} to record for a newly admitted request.
         owner: NotFound unless the model is this owner's (None: no check, for the service's own bookkeeping).
+        kind: record the newly admitted request's future, of this kind, for the owner.
         """
         base = P + f"seq:{model_id}"
         keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since", P + f"future:{request_id}", PENDING_FUTURES, queue, P + f"model:{model_id}"]
-        future = future or {}
-        args = [str(seq_id), request_id, message, self.broker_db, time.time(), "1" if future else "0", _dumps(future.get("owner")), _dumps(future.get("kind")), _dumps(future.get("model_id")), FUTURE_TTL_S, PENDING_FUTURES_MAX, "" if owner is None else _dumps(owner)]
+        args = [str(seq_id), request_id, message, self.broker_db, time.time(), "" if owner is None else _dumps(owner), "" if kind is None else _dumps(kind), _dumps(model_id), FUTURE_TTL_S, PENDING_FUTURES_MAX]
         answer_id, pushed = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
         if pushed == -1:
             raise NotFound(f"model_id: no such model '{model_id}'")
         return answer_id
 
-    def push(self, queue: str, message: str) -> None:
-        """Publish a broker message (tasks.celery_app.task_message) that needs no ordering."""
-        self._script("_push", _PUSH_LUA)(keys=[queue], args=[self.broker_db, message])
+    def push(self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None) -> None:
+        """Record a request's future and publish its broker message (tasks.celery_app.task_message), atomically."""
+        keys = [P + f"future:{request_id}", PENDING_FUTURES, queue]
+        args = [self.broker_db, message, request_id, _dumps(owner), _dumps(kind), _dumps(model_id), time.time(), FUTURE_TTL_S, PENDING_FUTURES_MAX]
+        self._script("_push", _PUSH_LUA)(keys=keys, args=args)
 
     def next_seq(self, model_id: str, owner: str) -> int:
         """Hand out the seq_id for a request that came without one (native callers that do not number)."""
@@ -328,12 +329,6 @@ class Registry:
         if not hasattr(self, name):
             setattr(self, name, self.redis.register_script(source))
         return getattr(self, name)
-
-    def waiting_seq_ids(self, model_id: str) -> list[int]:
-        return sorted(int(s) for s in self.redis.hkeys(P + f"seq:{model_id}:pending"))
-
-    def reset_sequence(self, model_id: str, next_seq: int = 1) -> None:
-        self.redis.set(P + f"seq:{model_id}:next", next_seq)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def add_checkpoint(self, model_id: str, checkpoint: dict[str, Any]) -> None:
@@ -385,6 +380,7 @@ class Registry:
         model = _check_owned(_load_hash(raw) if raw else None, "model", model_id, owner, "model_id")
         return model, bool(catalog), bool(builtin), custom
 
+    # ---- counters for /metrics and the status page ----------------------------------------
     def incr_stat(self, name: str, amount: float = 1) -> None:
         self.redis.hincrbyfloat(P + "stats", name, amount)
 

@@ -54,37 +54,37 @@ def test_submit_holds_a_gap_then_pushes_in_seq_order_once(url: str) -> None:
     registry, queue = model_registry(url), adapter_queue("s:train:0")
     client = redis.Redis.from_url(url, decode_responses=True)
 
-    assert registry.submit("s:train:0", 2, "r2", "m2", {"owner": "alice", "kind": "forward_backward", "model_id": "s:train:0"}, queue, "alice") == "r2"
+    assert registry.submit("s:train:0", 2, "r2", "m2", queue, "alice", "forward_backward") == "r2"
     assert client.llen(queue) == 0  # seq 1 has not arrived
-    assert registry.submit("s:train:0", 1, "r1", "m1", {"owner": "alice", "kind": "optim_step", "model_id": "s:train:0"}, queue, "alice") == "r1"
+    assert registry.submit("s:train:0", 1, "r1", "m1", queue, "alice", "optim_step") == "r1"
     assert [client.rpop(queue), client.rpop(queue)] == ["m1", "m2"]  # a worker's BRPOP takes them in seq order
 
-    assert registry.submit("s:train:0", 1, "r1-again", "m1-again", None, queue, "alice") == "r1"  # a re-send answers the first id
+    assert registry.submit("s:train:0", 1, "r1-again", "m1-again", queue, "alice") == "r1"  # a re-send answers the first id
     assert client.llen(queue) == 0
     assert registry.future("r2", "alice")["kind"] == "forward_backward"
     with pytest.raises(NotFound):
         registry.future("r1-again", "alice")
 
-    registry.submit("s:train:0", 4, "r4", "m4", None, queue, "alice")
-    registry.submit("s:train:0", 3, "skipped", "", None, queue, None)  # a refused seq_id runs nothing, releases what waits
+    registry.submit("s:train:0", 4, "r4", "m4", queue, "alice")
+    registry.submit("s:train:0", 3, "skipped", "", queue, None)  # a refused seq_id runs nothing, releases what waits
     assert client.lrange(queue, 0, -1) == ["m4"]
 
 
 def test_submit_refuses_another_owners_or_a_removed_model(url: str) -> None:
     registry, queue = model_registry(url), adapter_queue("s:train:0")
     with pytest.raises(NotFound, match="model_id"):
-        registry.submit("s:train:0", 1, "r1", "m1", None, queue, "mallory")
+        registry.submit("s:train:0", 1, "r1", "m1", queue, "mallory")
     with pytest.raises(NotFound, match="model_id"):
         registry.next_seq("s:train:0", "mallory")
     registry._put("model:s:train:0", {"deleted": True})
     with pytest.raises(NotFound):
-        registry.submit("s:train:0", 1, "r1", "m1", None, queue, "alice")
+        registry.submit("s:train:0", 1, "r1", "m1", queue, "alice")
     assert redis.Redis.from_url(url).llen(queue) == 0
 
 
 def test_next_seq_follows_everything_admitted_or_handed_out(url: str) -> None:
     registry, queue = model_registry(url), adapter_queue("s:train:0")
-    registry.submit("s:train:0", 5, "r5", "m5", None, queue, "alice")
+    registry.submit("s:train:0", 5, "r5", "m5", queue, "alice")
     assert registry.next_seq("s:train:0", "alice") == 6
     assert registry.next_seq("s:train:0", "alice") == 7
 
