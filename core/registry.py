@@ -381,9 +381,6 @@ class Registry:
         return model, bool(catalog), bool(builtin), custom
 
     # ---- counters for /metrics and the status page ----------------------------------------
-    def incr_stat(self, name: str, amount: float = 1) -> None:
-        self.redis.hincrbyfloat(P + "stats", name, amount)
-
     def apply_updates(self, models: dict[str, dict[str, Any]], stats: dict[str, float]) -> None:
         """Several model field updates and stat increments in one round trip."""
         with self.redis.pipeline(transaction=False) as pipe:

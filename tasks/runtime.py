@@ -9,6 +9,8 @@ import logging
 import threading
 from typing import Any
 
+from celery.signals import task_postrun
+
 from core.registry import Registry
 from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue
@@ -96,3 +98,9 @@ class Runtime:
 
 
 runtime = Runtime()
+
+
+@task_postrun.connect(weak=False)
+def _after_result(**_: Any) -> None:
+    """Runs after any task's result is stored (and visible to the client): the deferred registry writes."""
+    runtime.flush_after_result()

@@ -15,7 +15,7 @@ from tasks.runtime import runtime
 def sample(self: Any, base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sampling_params: dict[str, Any], num_samples: int = 1, prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> dict[str, Any]:
     tokens = [int(t) for t in decode_array(prompt)]
     result = runtime.sampling.sample(base_model, adapter_dir, tokens, SamplingSpec(**sampling_params), num_samples, prompt_logprobs, topk_prompt_logprobs)
-    runtime.registry.incr_stat("tokens_sampled", sum(len(s.tokens) for s in result.sequences))
+    runtime.after_result(stats={"tokens_sampled": sum(len(s.tokens) for s in result.sequences)})
     out: dict[str, Any] = {
         "sequences": [
             {"tokens": encode_array(s.tokens, "int64"), "logprobs": encode_array(s.logprobs, "float32"), "stop_reason": s.stop_reason}

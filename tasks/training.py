@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from celery.signals import task_postrun
-
 from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
 from core.errors import NotFound, UserError
 from core.wire import decode_datum, encode_array
@@ -107,12 +105,6 @@ class Autosaver:
 
 
 autosaver = Autosaver()
-
-
-@task_postrun.connect(weak=False)
-def _after_result(**_: Any) -> None:
-    """Runs after the task's result is stored (and visible to the client): the deferred registry writes."""
-    runtime.flush_after_result()
 
 
 def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
