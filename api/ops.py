@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +64,60 @@ def bucket_index(seconds: float) -> int:
 
 @bp.after_app_request
 def record_request(response: Response) -> Response:
-    """Count the request by route and status and add its latency to the histogram, in one Redis round trip."""
+    """Count the request by route and status and add its latency to the histogram.
+
+    The counts are written to Redis before the response goes out, so they are in Redis's input ahead of anything
+    a client does after reading it (a scrape on another API process included), but their replies are read only
+    after the response has been sent: the request does not wait for that round trip.
+    """
     started = g.get("started")
     if started is None:
         return response
     seconds = max(0.0, time.perf_counter() - started)
     method, route, status = request.method, route_label(), response.status_code
-    try:
-        pipe = current_app.config["REGISTRY"].redis.pipeline(transaction=False)
-        pipe.hincrby(REQUESTS_KEY, f"{method}\t{route}\t{status}", 1)
-        pipe.hincrby(LATENCY_KEY, f"{method}\t{route}\t{bucket_index(seconds)}", 1)
-        pipe.hincrbyfloat(LATENCY_SUM_KEY, f"{method}\t{route}", seconds)
-        if request.endpoint not in QUIET_ENDPOINTS:
-            entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": round(seconds * 1000, 1)}
-            pipe.lpush(RECENT_KEY, json.dumps(entry, separators=(",", ":")))
-            pipe.ltrim(RECENT_KEY, 0, RECENT_MAX - 1)
-        pipe.execute()
-    except redis.RedisError:  # metrics must never fail a request
-        log.warning("could not record request metrics", exc_info=True)
+    commands: list[tuple[Any, ...]] = [
+        ("HINCRBY", REQUESTS_KEY, f"{method}\t{route}\t{status}", 1),
+        ("HINCRBY", LATENCY_KEY, f"{method}\t{route}\t{bucket_index(seconds)}", 1),
+        ("HINCRBYFLOAT", LATENCY_SUM_KEY, f"{method}\t{route}", repr(seconds)),
+    ]
+    if request.endpoint not in QUIET_ENDPOINTS:
+        entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": round(seconds * 1000, 1)}
+        commands += [("LPUSH", RECENT_KEY, json.dumps(entry, separators=(",", ":"))), ("LTRIM", RECENT_KEY, 0, RECENT_MAX - 1)]
+    replies = send_now(current_app.config["REGISTRY"].redis, commands)
+    if replies is not None:
+        response.call_on_close(replies)
     return response
+
+
+def send_now(client: redis.Redis, commands: list[tuple[Any, ...]]) -> Callable[[], None] | None:
+    """Write `commands` to Redis on a pooled connection and return the function that reads their replies (and
+    gives the connection back); None if they could not be sent. Metrics must never fail a request: errors are logged."""
+    pool = client.connection_pool
+    try:
+        connection = pool.get_connection()
+    except redis.RedisError:
+        log.warning("could not record request metrics", exc_info=True)
+        return None
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+    except redis.RedisError:
+        log.warning("could not record request metrics", exc_info=True)
+        pool.release(connection)  # send_packed_command disconnected it: the pool reconnects on next use
+        return None
+
+    def read_replies() -> None:
+        try:
+            for _ in commands:
+                reply = connection.read_response(disconnect_on_error=True)
+                if isinstance(reply, Exception):
+                    raise reply
+        except redis.RedisError:
+            log.warning("could not record request metrics", exc_info=True)
+            connection.disconnect()
+        finally:
+            pool.release(connection)
+
+    return read_replies
 
 
 # ---- reading the state ----------------------------------------------------------------------------

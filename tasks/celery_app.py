@@ -77,6 +77,9 @@ app.conf.update(
     worker_send_task_events=True,  # Flower follows tasks from the worker's received/started/succeeded events
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": 3600},
+    # kombu's Redis transport, minus a round trip and a client object before each task (tasks/broker.py);
+    # other schemes (rediss, sentinel, socket) keep kombu's own.
+    broker_transport="tasks.broker:Transport" if settings.broker_url.startswith("redis://") else None,
     worker_hijack_root_logger=False,
 )
 

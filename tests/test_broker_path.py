@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import msgpack
 import pytest
@@ -116,3 +117,44 @@ def test_result_store_never_overwrites_a_success_and_publishes_what_it_stores(ur
     backend.store_result("t2", 7, "SUCCESS")
     assert backend.get_task_meta("t2")["result"] == 7
     pubsub.close()
+
+
+def _unacked(client: redis.Redis, tag: str) -> tuple[Any, Any]:
+    return client.zscore("unacked_index", tag), client.hget("unacked", tag)
+
+
+def test_worker_transport_records_unacked_before_the_task_and_plain_kombu_restores_it(url: str) -> None:
+    """tasks.broker writes the unacked record without waiting for Redis's reply: the record must be in Redis when
+    the message is handed over (a task then runs), be kombu's own record (kombu's plain transport restores it
+    after a crash), and be gone after the ack."""
+    from kombu import Connection
+
+    client = redis.Redis.from_url(url)
+    queue = adapter_queue("s:train:0")
+    ours = Connection(url, transport="tasks.broker:Transport")
+    plain = Connection(url, transport_options={"visibility_timeout": 0})
+    assert type(celery_app.connection_for_write().transport).__module__ == "tasks.broker"  # what workers run on
+    try:
+        channel = ours.channel()
+        assert channel.conn_or_acquire().__enter__() is channel.conn_or_acquire().__enter__()  # one client object
+        for n in range(2):
+            client.lpush(queue, task_message("tinkerbell.forward_backward", {"model_id": "s:train:0", "seq_id": n + 1, "data": []}, f"task-{n}", queue, "{}"))
+
+        first = channel.basic_get(queue, no_ack=False)  # what a consumer gets right before running the task
+        tag = first.delivery_tag
+        score, record = _unacked(client, tag)
+        assert score is not None and record is not None, "the unacked record is not in Redis when the task starts"
+        raw, exchange, routing_key = json.loads(record)
+        assert (exchange, routing_key) == ("", queue) and raw["headers"]["id"] == "task-0"
+        first.ack()
+        assert _unacked(client, tag) == (None, None)
+
+        second = channel.basic_get(queue, no_ack=False)  # taken, then the worker "crashes": no ack
+        assert second.headers["id"] == "task-1" and _unacked(client, second.delivery_tag)[1] is not None
+        plain.default_channel.qos.restore_visible(num=10, interval=1)  # a plain kombu worker's periodic restore
+        assert _unacked(client, second.delivery_tag) == (None, None)
+        restored = plain.default_channel.basic_get(queue, no_ack=True)
+        assert restored.headers["id"] == "task-1" and restored.body == second.body
+    finally:
+        ours.release()
+        plain.release()

@@ -247,9 +247,39 @@ def test_gunicorn_conf_binds_from_settings_with_threads_for_long_polls(monkeypat
     monkeypatch.setenv("TINKERBELL_PORT", "8123")
     conf = runpy.run_path(str(ROOT / "api" / "gunicorn_conf.py"))
     assert conf["bind"] == "0.0.0.0:8123"
-    assert conf["worker_class"] == "gthread"
+    assert conf["worker_class"] == "api.gthread.LingeringThreadWorker"
     assert conf["workers"] == 2
     assert conf["threads"] >= 32
     assert conf["timeout"] == 60 > Settings().poll_timeout_s
     assert conf["accesslog"] == "-"
     assert conf["access_log_format"].startswith("api.access ")
+    assert conf["logger_class"].__name__ == "AccessLogger"
+
+
+def test_access_log_line_is_the_one_gunicorn_writes_for_that_format(tmp_path: Path) -> None:
+    """api.accesslog skips gunicorn's every-atom dict but must write the same line; other formats are gunicorn's."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from api.accesslog import ACCESS_LOG_FORMAT, AccessLogger
+
+    environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "RAW_URI": "/fwdbwd?x=1", "PATH_INFO": "/fwdbwd", "QUERY_STRING": "x=1", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_AUTHORIZATION": "Bearer tml-secret"}
+    resp = SimpleNamespace(status="200 OK", sent=123, headers=[("Content-Type", "application/json")])
+    req = SimpleNamespace(headers=[("AUTHORIZATION", "Bearer tml-secret")])
+
+    def line(logger_class: type, fmt: str) -> str:
+        cfg = Config()
+        cfg.set("accesslog", str(tmp_path / f"{logger_class.__name__}.log"))
+        cfg.set("access_log_format", fmt)
+        logger_class(cfg).access(resp, req, environ, timedelta(seconds=1, microseconds=234567))
+        return (tmp_path / f"{logger_class.__name__}.log").read_text()
+
+    ours = line(AccessLogger, ACCESS_LOG_FORMAT)
+    assert ours == line(Logger, ACCESS_LOG_FORMAT) == 'api.access 10.0.0.7 "POST /fwdbwd?x=1 HTTP/1.1" 200 123 1234ms\n'
+    assert "secret" not in ours
+    (tmp_path / "AccessLogger.log").unlink()
+    (tmp_path / "Logger.log").unlink()
+    assert line(AccessLogger, "%(m)s %(U)s %(s)s") == line(Logger, "%(m)s %(U)s %(s)s") == "POST /fwdbwd 200\n"

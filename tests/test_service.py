@@ -228,6 +228,37 @@ def test_malformed_json_is_a_400_with_a_body(stack):
     assert response.status_code == 400 and "JSON" in response.json()["error"]
 
 
+def test_one_keep_alive_connection_serves_pipelined_back_to_back_and_idle_requests(stack):
+    """The API's gunicorn worker (api.gthread) keeps a connection's thread for the next request a moment; whether
+    requests come pipelined in one write, right after each other or after the connection went back to the
+    poller, each is answered once and in order on the same connection."""
+    import socket
+    import time
+
+    host, port = stack.url.removeprefix("http://").split(":")
+
+    def request(path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    def read_response(reader) -> tuple[int, bytes]:
+        status = int(reader.readline().split()[1])
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, reader.read(length)
+
+    with socket.create_connection((host, int(port)), timeout=10) as sock, sock.makefile("rb") as reader:
+        sock.sendall(request("/healthz") + request("/no-such-route") + request("/healthz"))  # pipelined
+        answers = [read_response(reader) for _ in range(3)]
+        assert [status for status, _ in answers] == [200, 404, 200] and b'"status":"ok"' in answers[0][1]
+        for pause in (0.0, 0.0005, 0.05, 0.3):  # within the thread's wait, and long after it
+            time.sleep(pause)
+            sock.sendall(request("/healthz"))
+            assert read_response(reader)[0] == 200
+
+
 def test_token_out_of_vocab_fails_the_future_as_user_error_and_worker_goes_on(tb):
     model_id = tb.add_lora(rank=4).result(120)["model_id"]
     bad = {"model_input": [1, 2, 10**7], "loss_fn_inputs": {"target_tokens": [2, 3, 4], "weights": [1, 1, 1]}}
