@@ -56,9 +56,21 @@ def to_request(model_id: str, data: list[dict]):
     return FwdBwdRequest(model_id, datums)
 
 
-def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], list[float]]:
-    """Milliseconds per tiny forward_backward, through the service and in this process, in alternating blocks so
-    drift in the machine's speed falls on both alike."""
+def bare_celery(stack: Stack):
+    """A plain Celery client of the stack's broker: the round trip of a no-op task (Celery's built-in
+    `celery.accumulate`) through the same worker is the floor that Celery and Redis alone set on this machine."""
+    from celery import Celery
+
+    from tasks.celery_app import worker_queue
+
+    app = Celery("bare", broker=stack.redis.url(stack.db), backend=stack.redis.url(stack.db), set_as_current=False)
+    app.conf.update(task_serializer="msgpack", result_serializer="msgpack", accept_content=["msgpack", "json"], result_accept_content=["msgpack", "json"])
+    return lambda: app.send_task("celery.accumulate", args=(0,), queue=worker_queue("bench0")).get(timeout=60)
+
+
+def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], list[float], list[float]]:
+    """Milliseconds per tiny forward_backward, through the service and in this process, and per bare Celery
+    round trip, in alternating blocks so drift in the machine's speed falls on all alike."""
     from backends.base import LoraSpec
 
     tb = TinkerbellClient(stack.url, api_key="tml-bench")
@@ -66,11 +78,14 @@ def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], li
     data = batch(1, 8, 1000)
     backend = in_process_backend(models_dir, stack.data_dir)
     backend.create_adapter("bench", TINY_MODEL, LoraSpec(rank=4))
+    bare_round_trip = bare_celery(stack)
     for _ in range(10):
         tb.forward_backward(model_id, data).result(60)
         backend.forward_backward([to_request("bench", data)])
+        bare_round_trip()
     service: list[float] = []
     local: list[float] = []
+    bare: list[float] = []
     block = 20
     while len(service) < iters:
         for _ in range(block):
@@ -81,7 +96,11 @@ def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], li
             t0 = time.perf_counter()
             backend.forward_backward([to_request("bench", data)])
             local.append((time.perf_counter() - t0) * 1e3)
-    return service, local
+        for _ in range(block // 2):
+            t0 = time.perf_counter()
+            bare_round_trip()
+            bare.append((time.perf_counter() - t0) * 1e3)
+    return service, local, bare
 
 
 def latency_rows(label: str, service: list[float], local: list[float]) -> list[tuple[str, float, float, float]]:
@@ -167,7 +186,8 @@ def main() -> None:
     torch.set_num_threads(args.latency_threads)
     redis, stack = start_stack(models_dir, args.latency_threads, TINY_MODEL)
     try:
-        rows += latency_rows("", *latency(stack, models_dir, args.latency_iters))
+        service, local, bare = latency(stack, models_dir, args.latency_iters)
+        rows += latency_rows("", service, local)
     finally:
         stack.stop()
         redis.stop()
@@ -189,7 +209,8 @@ def main() -> None:
     for name, a, b, c in rows:
         cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"
         print(f"| {name} | {a:.2f} | {b:.2f} | {cost} |")
-    print(f"\n{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters {args.latency_iters}; SFT steps {args.sft_steps}")
+    print(f"\nFor scale: a bare Celery+Redis round trip of a no-op task through the same worker, p50 {statistics.median(bare):.2f} ms, p95 {pct(bare, 95):.2f} ms")
+    print(f"{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters {args.latency_iters}; SFT steps {args.sft_steps}")
 
 
 if __name__ == "__main__":
