@@ -52,6 +52,7 @@ def _on_ready(sender: Any, **_: Any) -> None:
     from tasks.training import restore_adapter
 
     runtime.consumer = sender
+    _restore_requests_in_flight(runtime)
     from losses import list_losses
 
     runtime.registry.publish_builtin_losses([entry for entry in list_losses() if entry.get("builtin")])
@@ -74,6 +75,23 @@ def _on_ready(sender: Any, **_: Any) -> None:
             except Exception:
                 log.exception("could not restore adapter %s", model_id)
     log.info("worker %s ready on %s", runtime.name, runtime.settings.device)
+
+
+def _restore_requests_in_flight(runtime: Any) -> None:
+    """Requests this worker had taken but not finished when it last stopped (killed, machine lost) go back to the
+    front of their queues now, not after the broker's visibility timeout: nothing is consumed yet at worker_ready."""
+    from tasks.broker import restore_own_unacked
+    from tasks.celery_app import adapter_queue, app, worker_queue
+
+    queues = {worker_queue(runtime.name)} | {adapter_queue(model_id) for model_id in runtime.registry.worker_adapters(runtime.name)}
+    try:
+        with app.connection_for_write() as connection:
+            restored = restore_own_unacked(connection, queues)
+    except Exception:  # the broker's own restore still brings them back after the visibility timeout
+        log.exception("could not restore the requests in flight when this worker last stopped")
+        return
+    if restored:
+        log.warning("restored %d request(s) in flight when this worker last stopped: %s", len(restored), ", ".join(restored))
 
 
 def _on_task_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **_: Any) -> None:

@@ -45,3 +45,33 @@ def test_restarted_worker_restores_its_adapters_from_autosave(make_stack):
     stack.start_worker("w0")
     after = tb.forward(model_id, [datum]).result(60)["metrics"]["loss:sum"]
     assert abs(after - before) < 1e-5
+
+
+def test_requests_in_flight_when_a_worker_is_killed_run_when_it_restarts(make_stack):
+    """A worker killed mid-task: its unacked request goes back to the front of the adapter's queue when the worker
+    starts again (not after the broker's hour-long visibility timeout), and runs before the requests behind it."""
+    import time
+
+    import redis
+
+    stack = make_stack(1, {"TINKERBELL_AUTH": "off"})
+    tb = TinkerbellClient(stack.url, api_key="tml-x")
+    model_id = tb.add_lora(rank=4, seed=1).result(120)["model_id"]
+    broker = redis.Redis.from_url(stack.env["TINKERBELL_BROKER_URL"])
+    big = [make_datum(i, length=256) for i in range(4)]  # a few seconds of CPU on the tiny model
+    slow = tb.forward_backward(model_id, big)
+    deadline = time.monotonic() + 60
+    while not broker.hlen("unacked") and time.monotonic() < deadline:  # the worker has taken it and is running it
+        time.sleep(0.02)
+    assert broker.hlen("unacked") == 1, "the worker never took the request"
+    stack.stop_worker("w0", signal.SIGKILL)
+    behind = tb.forward_backward(model_id, [make_datum(1)])  # queued while the worker is down
+    assert broker.hlen("unacked") == 1 and broker.llen(f"adapter.{model_id}") == 1
+
+    stack.start_worker("w0")
+    first, second = slow.result(120), behind.result(120)
+    assert first["metrics"]["loss:sum"] > 0 and second["metrics"]["loss:sum"] > 0
+    assert broker.hlen("unacked") == 0
+    done = [ResultBackend(app=celery_app, url=stack.env["TINKERBELL_BROKER_URL"]).get_task_meta(f.request_id)["date_done"] for f in (slow, behind)]
+    assert done[0] < done[1], "the restored request ran after the one queued behind it"
+    assert "restored 1 request(s) in flight" in (stack.data_dir / "worker-w0.log").read_text()
