@@ -256,6 +256,12 @@ class HFTrainingBackend:
         adapter.steps += 1
         return {"grad_norm:mean": norm, "learning_rate:mean": float(adam.learning_rate)}
 
+    def discard_gradients(self, model_id: str) -> None:
+        """Drop the gradients accumulated since the last optim_step, leaving weights and optimizer state alone."""
+        adapter = self._get(model_id)
+        with adapter.base.lock:
+            adapter.optimizer.zero_grad(set_to_none=True)
+
     # ---- state ----------------------------------------------------------------------------------------------
     def save_state(self, model_id: str, directory: str, with_optimizer: bool) -> int:
         """Write the adapter (PEFT format) and, if asked, its optimizer state into directory. Returns bytes written."""

@@ -110,6 +110,9 @@ autosaver = Autosaver()
 def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
     """Re-create an adapter this worker owned before it restarted, from its latest autosave if any."""
     runtime.training.create_adapter(model_id, record["base_model"], LoraSpec(**record["lora"]))
+    if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
+        runtime.lost_gradients[model_id] = int(record["gradients_since"])
+        log.warning("%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"])
     saved = autosave_dir(model_id)
     if saved.exists():
         runtime.training.load_state(model_id, str(saved), True)
@@ -161,6 +164,9 @@ def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[di
             [result] = runtime.training.forward_backward([request])
         tokens = sum(len(d.tokens) for d in datums)
         runtime.after_result(stats={"tokens_trained" if not forward_only else "tokens_forward": tokens})
+        if not forward_only and model_id not in runtime.gradients_since:  # the registry knows gradients are pending
+            runtime.gradients_since[model_id] = seq_id or 0
+            runtime.after_result(model_id, gradients_since=seq_id or 0)
         return {
             "loss_fn_output_type": "ArrayRecord",
             "loss_fn_outputs": [{k: encode_array(v, "float32") for k, v in out.items()} for out in result.loss_fn_outputs],
@@ -173,12 +179,28 @@ def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[di
 @app.task(name="tinkerbell.optim_step", bind=True, throws=(UserError,))
 def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -> dict[str, Any]:
     def work() -> dict[str, Any]:
+        lost = runtime.lost_gradients.pop(model_id, None)
+        if lost is not None:  # stepping on what is left would apply only part of the batch: say so instead
+            runtime.training.discard_gradients(model_id)
+            runtime.gradients_since.pop(model_id, None)
+            runtime.after_result(model_id, gradients_since=None)
+            raise UserError(
+                f"optim_step: the gradients of forward_backward calls from seq_id {lost} on were lost when a worker "
+                f"stopped (the adapter came back from its state after the last optim_step); those and any accumulated "
+                f"since are discarded: run the forward_backward calls again, then optim_step"
+            )
         autosaver.wait(model_id)
         metrics = runtime.training.optim_step(model_id, AdamSpec(**adam_params))
+        _gradients_applied(model_id)
         autosaver.start(model_id)  # overlaps the next request; finished before that request's result is published
         return {"metrics": metrics}
 
     return _once(self, model_id, seq_id, work, leaves_autosave_running=True)
+
+
+def _gradients_applied(model_id: str) -> None:
+    if runtime.gradients_since.pop(model_id, None) is not None:
+        runtime.after_result(model_id, gradients_since=None)
 
 
 @app.task(name="tinkerbell.save_state", bind=True, throws=(UserError,))
