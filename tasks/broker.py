@@ -1,10 +1,10 @@
 """kombu's Redis transport with two costs taken off a task's start (set as Celery's `broker_transport`).
 
-1. Before a solo worker runs a message it records it as unacked (ZADD + HSET, so a crash mid-task leaves it to
-   be restored). kombu waits for Redis's reply before running the task. Here the commands are written at once
-   and their replies read before the next unacked bookkeeping (ack, reject, restore) or the next append: Redis
-   has the record before the task starts, because it executes a connection's commands in order and the
-   ack's commands go out only after those replies are in.
+1. Before a solo worker runs a message it records it as unacked (ZADD + HSET in one transaction, so a crash
+   mid-task leaves it to be restored). kombu waits for Redis's reply before running the task. Here the commands
+   are written to Redis before the task starts and their replies read before the next unacked bookkeeping (ack,
+   reject, restore) or the next append, so the ack's commands reach Redis only after the record is in, and a
+   failed write is raised there (kombu would have raised it before the task).
 2. kombu builds a new redis-py client object for every append and ack (about as costly as the round trip);
    here one per channel serves them all (a client takes a pooled connection per command, so it is shared
    safely).
