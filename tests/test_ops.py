@@ -268,7 +268,9 @@ def test_status_shows_what_a_busy_worker_runs_where_inspect_active_cannot(stack:
         return [w["running"] for w in requests.get(stack.url + "/status.json", timeout=5).json()["workers"]]
 
     prompt = datum(3)["model_input"]  # the tiny model's context is 512 tokens
-    futures = [tb.sample(prompt, max_tokens=480, temperature=0.0, stop=[]) for _ in range(2)]  # seconds of work
+    # Each task must outlast the 1 s heartbeat by a margin on a fast machine too: 16 sequences of 480 tokens
+    # (one sequence took under half a second here, and the status then missed both tasks now and again).
+    futures = [tb.sample(prompt, max_tokens=480, temperature=0.0, stop=[], num_samples=16) for _ in range(2)]
     deadline = time.monotonic() + 30
     seen: list[str] = []
     while time.monotonic() < deadline and not any(r.startswith("sample for") for r in seen):
