@@ -164,9 +164,11 @@ def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[di
             [result] = runtime.training.forward_backward([request])
         tokens = sum(len(d.tokens) for d in datums)
         runtime.after_result(stats={"tokens_trained" if not forward_only else "tokens_forward": tokens})
-        if not forward_only and model_id not in runtime.gradients_since:  # the registry knows gradients are pending
+        if not forward_only and model_id not in runtime.gradients_since:
+            # The first forward_backward since optim_step: the registry learns that gradients are pending before its
+            # result can be seen (once per step), so a restarted worker knows what it lost.
+            runtime.registry.update_model(model_id, gradients_since=seq_id or 0)
             runtime.gradients_since[model_id] = seq_id or 0
-            runtime.after_result(model_id, gradients_since=seq_id or 0)
         return {
             "loss_fn_output_type": "ArrayRecord",
             "loss_fn_outputs": [{k: encode_array(v, "float32") for k, v in out.items()} for out in result.loss_fn_outputs],
