@@ -111,7 +111,7 @@ def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
     """Re-create an adapter this worker owned before it restarted, from its latest autosave if any."""
     runtime.training.create_adapter(model_id, record["base_model"], LoraSpec(**record["lora"]))
     if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
-        runtime.lost_gradients[model_id] = int(record["gradients_since"])
+        runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(record["gradients_since"])
         log.warning("%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"])
     saved = autosave_dir(model_id)
     if saved.exists():
@@ -184,8 +184,7 @@ def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[s
         lost = runtime.lost_gradients.pop(model_id, None)
         if lost is not None:  # stepping on what is left would apply only part of the batch: say so instead
             runtime.training.discard_gradients(model_id)
-            runtime.gradients_since.pop(model_id, None)
-            runtime.after_result(model_id, gradients_since=None)
+            _gradients_applied(model_id)
             raise UserError(
                 f"optim_step: the gradients of forward_backward calls from seq_id {lost} on were lost when a worker "
                 f"stopped (the adapter came back from its state after the last optim_step); those and any accumulated "
@@ -201,6 +200,7 @@ def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[s
 
 
 def _gradients_applied(model_id: str) -> None:
+    """No gradients pending any more (applied, or discarded): clear the registry's mark, which gradients_since mirrors."""
     if runtime.gradients_since.pop(model_id, None) is not None:
         runtime.after_result(model_id, gradients_since=None)
 
