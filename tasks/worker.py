@@ -52,7 +52,8 @@ def _on_ready(sender: Any, **_: Any) -> None:
     from tasks.training import restore_adapter
 
     runtime.consumer = sender
-    _restore_requests_in_flight(runtime)
+    owned = runtime.registry.worker_adapters(runtime.name)
+    _restore_requests_in_flight(runtime, owned)
     from losses import list_losses
 
     runtime.registry.publish_builtin_losses([entry for entry in list_losses() if entry.get("builtin")])
@@ -67,7 +68,7 @@ def _on_ready(sender: Any, **_: Any) -> None:
             log.exception("could not preload base model %s", base_model)
             continue
         runtime.serve_base_model(base_model)
-    for model_id in runtime.registry.worker_adapters(runtime.name):
+    for model_id in owned:
         record = runtime.registry.model_any(model_id)
         if record and not record.get("deleted"):
             try:
@@ -77,13 +78,13 @@ def _on_ready(sender: Any, **_: Any) -> None:
     log.info("worker %s ready on %s", runtime.name, runtime.settings.device)
 
 
-def _restore_requests_in_flight(runtime: Any) -> None:
+def _restore_requests_in_flight(runtime: Any, owned: list[str]) -> None:
     """Requests this worker had taken but not finished when it last stopped (killed, machine lost) go back to the
     front of their queues now, not after the broker's visibility timeout: nothing is consumed yet at worker_ready."""
     from tasks.broker import restore_own_unacked
     from tasks.celery_app import adapter_queue, app, worker_queue
 
-    queues = {worker_queue(runtime.name)} | {adapter_queue(model_id) for model_id in runtime.registry.worker_adapters(runtime.name)}
+    queues = {worker_queue(runtime.name)} | {adapter_queue(model_id) for model_id in owned}
     try:
         with app.connection_for_write() as connection:
             restored = restore_own_unacked(connection, queues)
