@@ -84,6 +84,22 @@ class SampledSequence:
 
 
 @dataclass
+class SampleRequest:
+    """One sample call, as the engine hands a batch of them to SamplingBackend.sample_batch.
+
+    adapter_dir: saved sampler weights (PEFT format) or None for the base model.
+    """
+
+    base_model: str
+    adapter_dir: str | None
+    prompt: list[int]
+    params: SamplingSpec
+    num_samples: int = 1
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None  # position 0 is None
@@ -99,9 +115,17 @@ class TrainingBackend(Protocol):
 
     def has_adapter(self, model_id: str) -> bool: ...
 
-    def forward_backward(self, requests: list[FwdBwdRequest]) -> list[FwdBwdResult]: ...
+    def forward_backward(self, requests: list[FwdBwdRequest]) -> list[FwdBwdResult | Exception]:
+        """Many adapters' requests in one pass. Per-request failures (UserError for bad input, a non-finite loss, a
+        custom loss that raises) are returned in that request's slot and leave every other request, and every
+        adapter's gradients, exactly as if the failed one had not been in the batch."""
+        ...
 
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]: ...
+
+    def optim_steps(self, steps: list[tuple[str, AdamSpec]]) -> list[dict[str, float] | Exception]:
+        """Several adapters' optimizer steps together; per-step failures in their slot."""
+        ...
 
     def discard_gradients(self, model_id: str) -> None: ...
 
@@ -125,3 +149,8 @@ class SamplingBackend(Protocol):
         prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
     ) -> SampleResult: ...
+
+    def sample_batch(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]:
+        """Many sample calls (same or different base models / adapters) decoded together where possible;
+        per-request failures (UserError) in their slot, the others unaffected."""
+        ...

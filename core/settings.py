@@ -48,6 +48,11 @@ class Settings:
     flower_port: int = field(default=5555, metadata={"env": "TINKERBELL_FLOWER_PORT", "help": "Flower dashboard port (local stack)."})
     flower_user: str = field(default="admin", metadata={"env": "TINKERBELL_FLOWER_USER", "help": "Flower login."})
     flower_password: str = field(default="tinkerbell", metadata={"env": "TINKERBELL_FLOWER_PASSWORD", "help": "Flower password."})
+    dtype: str = field(default="", metadata={"env": "TINKERBELL_DTYPE", "help": "Base-model weights: float32 or bfloat16; empty means float32 on the CPU, bfloat16 on CUDA. LoRA weights and optimizer state stay float32."})
+    worker_concurrency: int = field(default=64, metadata={"env": "TINKERBELL_WORKER_CONCURRENCY", "help": "Threads of a worker's Celery pool: how many requests it holds at once for its engine to batch."})
+    worker_prefetch: int = field(default=1, metadata={"env": "TINKERBELL_WORKER_PREFETCH", "help": "Celery prefetch multiplier: messages reserved per pool thread."})
+    engine_token_budget: int = field(default=8192, metadata={"env": "TINKERBELL_ENGINE_TOKEN_BUDGET", "help": "Most tokens one engine pass takes over all adapters' forward/backward requests (a lone request may exceed it)."})
+    engine_sample_rows: int = field(default=64, metadata={"env": "TINKERBELL_ENGINE_SAMPLE_ROWS", "help": "Most sequences (requests x num_samples) one batched generation decodes together."})
     log_level: str = field(default="INFO", metadata={"env": "TINKERBELL_LOG_LEVEL", "help": "Log level of every component."})
 
     @classmethod
@@ -94,6 +99,15 @@ class Settings:
     def worker_base_models(self) -> list[str]:
         names = [m.strip() for m in self.base_models.split(",") if m.strip()]
         return names or [self.base_model]
+
+    @property
+    def torch_dtype_name(self) -> str:
+        """float32 or bfloat16: TINKERBELL_DTYPE, else float32 on the CPU and bfloat16 on CUDA."""
+        if self.dtype:
+            if self.dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"TINKERBELL_DTYPE must be float32 or bfloat16, not {self.dtype!r}")
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     @property
     def api_url(self) -> str:
