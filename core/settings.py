@@ -53,6 +53,8 @@ class Settings:
     worker_prefetch: int = field(default=1, metadata={"env": "TINKERBELL_WORKER_PREFETCH", "help": "Celery prefetch multiplier: messages reserved per pool thread."})
     engine_token_budget: int = field(default=8192, metadata={"env": "TINKERBELL_ENGINE_TOKEN_BUDGET", "help": "Most tokens one engine pass takes over all adapters' forward/backward requests (a lone request may exceed it)."})
     engine_sample_rows: int = field(default=64, metadata={"env": "TINKERBELL_ENGINE_SAMPLE_ROWS", "help": "Most sequences (requests x num_samples) one batched generation decodes together."})
+    tensor_parallel: int = field(default=1, metadata={"env": "TINKERBELL_TENSOR_PARALLEL", "help": "Megatron backend: ranks of one worker's tensor-parallel group (one per device in TINKERBELL_DEVICE, e.g. cuda:0,cuda:1)."})
+    role: str = field(default="train,sample", metadata={"env": "TINKERBELL_ROLE", "help": "Worker role: train, sample or both (train,sample)."})
     log_level: str = field(default="INFO", metadata={"env": "TINKERBELL_LOG_LEVEL", "help": "Log level of every component."})
 
     @classmethod
