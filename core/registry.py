@@ -325,6 +325,14 @@ class Registry:
         nxt = int(self.redis.get(base + ":next") or 1)
         return list(range(nxt, min(held)))
 
+    def admitted_between(self, model_id: str, after: int, before: int) -> dict[int, str]:
+        """seq_id -> request id of the model's requests admitted with after < seq_id < before (workers' engine)."""
+        base = P + f"seq:{model_id}"
+        seqs = self.redis.zrangebyscore(base + ":admitted", f"({after}", f"({before}")
+        if not seqs:
+            return {}
+        return {int(seq): rid for seq, rid in zip(seqs, self.redis.hmget(base + ":ids", seqs)) if rid is not None}
+
     def _script(self, name: str, source: str) -> Any:
         if not hasattr(self, name):
             setattr(self, name, self.redis.register_script(source))

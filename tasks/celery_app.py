@@ -70,7 +70,8 @@ app.conf.update(
     task_acks_late=True,  # a crash mid-task leaves the message on the broker, not lost
     task_reject_on_worker_lost=True,
     worker_deduplicate_successful_tasks=True,  # a redelivered message whose result is stored is not run again
-    worker_prefetch_multiplier=1,  # one message at a time keeps each adapter queue's FIFO order
+    # Messages reserved per pool thread; the worker's engine, not the broker, orders each adapter's requests by seq_id.
+    worker_prefetch_multiplier=settings.worker_prefetch,
     task_create_missing_queues=True,
     task_default_queue="tinkerbell.default",
     result_expires=7 * 86400,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import functools
 import hashlib
 import linecache
@@ -16,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -142,41 +142,75 @@ def _remember_source(meta: dict[str, Any]) -> None:
 
 @contextmanager
 def time_limit(label: str, seconds: float, doing: str = "running") -> Iterator[None]:
-    """Raise UserError when the body runs past `seconds`: SIGALRM interrupts sleeps and Python loops.
+    """Raise UserError when the body runs past `seconds`, interrupting Python code (loops, sleeps in small steps).
 
-    The alarm repeats every 50 ms after the deadline, so a loss that swallows one interruption gets the next;
-    it never fires in this module's or contextlib's frames, so it cannot escape while the limit is reported.
-    Off the main thread (no signals there) the limit is checked when the body returns.
+    On the main thread SIGALRM interrupts it; elsewhere (the worker's engine thread) a timer thread raises
+    LossTimeout in this thread with CPython's PyThreadState_SetAsyncExc, which takes effect at the next bytecode.
+    Either way the interruption repeats every 50 ms after the deadline, so a loss that swallows one gets the next,
+    and it never fires in this module's or contextlib's frames, so it cannot escape while the limit is reported.
     """
     message = f"loss_fn {label}: exceeded the {seconds:g} s limit while {doing} (TINKERBELL_CUSTOM_LOSS_TIMEOUT_S)"
     if seconds <= 0:
         yield
         return
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        start = time.monotonic()
-        yield
-        if time.monotonic() - start > seconds:
-            raise UserError(message)
-        return
     state = {"armed": True, "fired": False}
+    on_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    if on_main:
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        if state["armed"] and (frame is None or frame.f_code.co_filename not in _OUR_FILES):
-            state["fired"] = True
-            raise LossTimeout()
+        def on_alarm(signum: int, frame: Any) -> None:
+            if state["armed"] and (frame is None or frame.f_code.co_filename not in _OUR_FILES):
+                state["fired"] = True
+                raise LossTimeout()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+    else:
+        watchdog = _Watchdog(threading.get_ident(), seconds, state)
+        watchdog.start()
     try:
         yield
     except LossTimeout:
         state["fired"] = True
     finally:
         state["armed"] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if on_main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        else:
+            watchdog.disarm()
     if state["fired"]:  # also when the loss swallowed the interruption and returned
         raise UserError(message)
+
+
+class _Watchdog(threading.Thread):
+    """Raises LossTimeout in thread `target` after `seconds`, then every 50 ms, while the limit is armed."""
+
+    def __init__(self, target: int, seconds: float, state: dict[str, bool]) -> None:
+        super().__init__(name="custom-loss watchdog", daemon=True)
+        self.target_id, self.seconds, self.state = target, seconds, state
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        wait = self.seconds
+        while not self.done.wait(wait):
+            with self.lock:  # never raise once disarm() has begun
+                if not self.state["armed"]:
+                    return
+                frame = sys._current_frames().get(self.target_id)
+                if frame is not None and frame.f_code.co_filename in _OUR_FILES:
+                    wait = 0.01  # inside our own bookkeeping: try again in a moment
+                    continue
+                self.state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target_id), ctypes.py_object(LossTimeout))
+            wait = 0.05
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.state["armed"] = False
+            self.done.set()
+            # An exception set but not yet raised would fire later in our code: clear it.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target_id), None)
 
 
 def _traceback_message(label: str, exc: BaseException) -> str:

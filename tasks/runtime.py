@@ -1,4 +1,5 @@
-"""What one worker process holds: its name, the Celery consumer (to add/cancel queues), the registry and backends.
+"""What one worker process holds: its name, the Celery consumer (to add/cancel queues), the registry, the backends
+and the engine that runs every request on them (tasks/engine.py).
 
 Filled in by `tasks.worker` when the worker starts; tasks read it through the functions below.
 """
@@ -14,6 +15,7 @@ from celery.signals import task_postrun
 from core.registry import Registry
 from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue
+from tasks.engine import NOT_RUN, Engine
 
 log = logging.getLogger("tinkerbell.worker")
 
@@ -24,11 +26,18 @@ class Runtime:
         self.name = self.settings.worker_name or "cpu0"
         self.registry = Registry(self.settings)
         self.consumer: Any = None
-        self.lock = threading.Lock()
         self._training: Any = None
         self._sampling: Any = None
+        self._pending_lock = threading.Lock()  # after_result is called from the engine and pool threads
         self.sample_queues: set[str] = set()
-        self.current_task: dict[str, Any] | None = None  # set by the task_prerun/postrun signals
+        self.engine = Engine(
+            lambda: self.training,
+            lambda: self.sampling,
+            self._registry_applied_seq,
+            self._missing_seq_ids,
+            token_budget=self.settings.engine_token_budget,
+            gap_timeout_s=self.settings.seq_gap_timeout_s,
+        )
         self.applied_seq: dict[str, int] = {}  # model_id -> last seq_id applied here (mirrors the registry)
         self.gradients_since: dict[str, int] = {}  # model_id -> seq_id of the first forward_backward since optim_step (mirrors the registry)
         self.lost_gradients: dict[str, int] = {}  # model_id -> the same, for gradients a previous run held when it died
@@ -51,16 +60,46 @@ class Runtime:
             self._sampling = get_sampling_backend(self.settings)
         return self._sampling
 
+    def _registry_applied_seq(self, model_id: str) -> int:
+        if model_id not in self.applied_seq:
+            self.applied_seq[model_id] = int((self.registry.model_any(model_id) or {}).get("applied_seq", 0))
+        return self.applied_seq[model_id]
+
+    def _missing_seq_ids(self, model_id: str, after: int, before: int) -> list[int]:
+        """seq_ids between after and before admitted for a request that has no stored result: still to come."""
+        from tasks.celery_app import app
+
+        admitted = self.registry.admitted_between(model_id, after, before)
+        real = {seq: rid for seq, rid in admitted.items() if rid and not rid.startswith(NOT_RUN)}
+        if not real:
+            return []
+        backend = app.backend
+        stored = backend.client.exists(*[backend.get_key_for_task(rid) for rid in real.values()]) if real else 0
+        if stored == len(real):  # all finished (a redelivered copy skipped by Celery never reaches the engine)
+            return []
+        return [seq for seq, rid in real.items() if not backend.client.exists(backend.get_key_for_task(rid))]
+
+    def _in_consumer(self, method: str, queue: str) -> None:
+        """Add or cancel a queue from the consumer's own thread (pool threads and the engine must not touch it)."""
+        if self.consumer is None:
+            return
+        consumer = self.consumer
+
+        def apply() -> None:
+            if method == "add" and not consumer.task_consumer.consuming_from(queue):
+                consumer.add_task_queue(queue)
+                log.info("consuming %s", queue)
+            elif method == "cancel":
+                consumer.cancel_task_queue(queue)
+                log.info("stopped consuming %s", queue)
+
+        consumer.call_soon(apply)
+
     def consume(self, queue: str) -> None:
-        """Start consuming a queue now (same thread as the solo pool, so no race with the running task)."""
-        if self.consumer is not None and not self.consumer.task_consumer.consuming_from(queue):
-            self.consumer.add_task_queue(queue)
-            log.info("consuming %s", queue)
+        self._in_consumer("add", queue)
 
     def stop_consuming(self, queue: str) -> None:
-        if self.consumer is not None:
-            self.consumer.cancel_task_queue(queue)
-            log.info("stopped consuming %s", queue)
+        self._in_consumer("cancel", queue)
 
     def own_adapter(self, model_id: str) -> None:
         self.consume(adapter_queue(model_id))
@@ -75,23 +114,30 @@ class Runtime:
     def after_result(self, model_id: str | None = None, stats: dict[str, float] | None = None, **fields: Any) -> None:
         """Registry bookkeeping a task leaves for after its result is stored (flush_after_result), off the
         request's critical path. Safe for applied_seq: a redelivered message whose result is stored never runs."""
-        if model_id is not None:
-            self._model_updates.setdefault(model_id, {}).update(fields)
-        for name, amount in (stats or {}).items():
-            self._stats[name] = self._stats.get(name, 0.0) + amount
+        with self._pending_lock:
+            if model_id is not None:
+                self._model_updates.setdefault(model_id, {}).update(fields)
+            for name, amount in (stats or {}).items():
+                self._stats[name] = self._stats.get(name, 0.0) + amount
 
     def flush_after_result(self) -> None:
-        models, stats = self._model_updates, self._stats
-        if not models and not stats:
-            return
-        self._model_updates, self._stats = {}, {}
+        with self._pending_lock:
+            models, stats = self._model_updates, self._stats
+            if not models and not stats:
+                return
+            self._model_updates, self._stats = {}, {}
         try:
             self.registry.apply_updates(models, stats)
         except Exception:
             log.exception("could not record %s / %s in the registry", models, stats)
 
     def status(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"device": self.settings.device, "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues), "current_task": self.current_task}
+        info: dict[str, Any] = {
+            "device": self.settings.device,
+            "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues),
+            "engine": self.engine.status(),
+            "current_task": self.engine.busy,  # what the status page shows as "running"
+        }
         if self._training is not None:
             backend_status = self._training.status()
             info["memory_bytes"] = backend_status.get("memory_bytes", 0)

@@ -1,20 +1,26 @@
-"""Sampling task: consumed from sample.<base_model> by every worker serving that base model."""
+"""Sampling task: consumed from sample.<base_model> by every worker serving that base model.
+
+The body decodes the prompt and hands the request to the engine, which decodes every sample request it holds
+for the same base model in one generation loop (SamplingBackend.sample_batch).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from backends.base import SamplingSpec
+from backends.base import SampleRequest, SampleResult, SamplingSpec
 from core.errors import UserError
 from core.wire import decode_array, encode_array
 from tasks.celery_app import app
+from tasks.engine import SAMPLE, Work
 from tasks.runtime import runtime
 
 
-@app.task(name="tinkerbell.sample", bind=True, throws=(UserError,))
-def sample(self: Any, base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sampling_params: dict[str, Any], num_samples: int = 1, prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> dict[str, Any]:
+@app.task(name="tinkerbell.sample", throws=(UserError,))
+def sample(base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sampling_params: dict[str, Any], num_samples: int = 1, prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> dict[str, Any]:
     tokens = [int(t) for t in decode_array(prompt)]
-    result = runtime.sampling.sample(base_model, adapter_dir, tokens, SamplingSpec(**sampling_params), num_samples, prompt_logprobs, topk_prompt_logprobs)
+    request = SampleRequest(base_model, adapter_dir, tokens, SamplingSpec(**sampling_params), num_samples, prompt_logprobs, topk_prompt_logprobs)
+    result: SampleResult = runtime.engine.run(Work(SAMPLE, request, tokens=len(tokens)))
     runtime.after_result(stats={"tokens_sampled": sum(len(s.tokens) for s in result.sequences)})
     out: dict[str, Any] = {
         "sequences": [

@@ -1,7 +1,8 @@
 """Training tasks: each runs on the worker that owns the adapter (queue adapter.<model_id>), in seq_id order.
 
-Tasks decode wire data, call the TrainingBackend interface, record what changed in the registry, and
-return plain data (arrays as bytes). A re-delivered request never trains twice (DESIGN rule 3).
+A task body decodes wire data on its pool thread, hands the request to the worker's engine (tasks/engine.py), which
+calls the TrainingBackend with other adapters' requests in the same pass, records what changed in the registry,
+and returns plain data (arrays as bytes). A re-delivered request never trains twice (DESIGN rule 3).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
 from core.errors import NotFound, UserError
 from core.wire import decode_datum, encode_array
 from tasks.celery_app import app
+from tasks.engine import CALL, FWD_BWD, OPTIM, Work
 from tasks.runtime import runtime
 
 log = logging.getLogger("tinkerbell.tasks")
@@ -37,27 +39,43 @@ def _require_adapter(model_id: str) -> None:
         raise NotFound(f"model_id: no adapter '{model_id}' on worker {runtime.name}")
 
 
-def _once(task: Any, model_id: str, seq_id: int | None, work: Callable[[], dict[str, Any]], leaves_autosave_running: bool = False) -> dict[str, Any]:
-    """Apply `work` at most once per (model_id, seq_id). A message redelivered after its result was stored is
-    skipped by Celery itself (worker_deduplicate_successful_tasks); one applied but without a result fails.
+def _ordered(
+    model_id: str,
+    seq_id: int | None,
+    kind: str,
+    payload: Any,
+    tokens: int = 0,
+    before: Callable[[], None] | None = None,
+    after: Callable[[Any], dict[str, Any]] | None = None,
+    leaves_autosave_running: bool = False,
+) -> dict[str, Any]:
+    """Run one request of an adapter on the engine, in seq_id order, at most once per (model_id, seq_id).
 
-    The adapter's background autosave (started by the optim_step before) overlaps `work`, and is finished
-    before this request's result is published: once any later result is visible, the step is on disk.
+    A message redelivered after its result was stored is skipped by Celery itself (worker_deduplicate_successful_
+    tasks); one applied but without a result fails. The adapter's background autosave (started by the optim_step
+    before) overlaps the request, and is finished before this request's result is published: once any later
+    result is visible, the step is on disk.
     """
-    if seq_id is not None:
-        if model_id not in runtime.applied_seq:  # first touch in this process: the registry knows what was applied
-            runtime.applied_seq[model_id] = int((runtime.registry.model_any(model_id) or {}).get("applied_seq", 0))
-        if seq_id <= runtime.applied_seq[model_id]:
+
+    def check() -> None:  # on the engine thread, just before the request runs
+        if seq_id is not None and seq_id <= runtime._registry_applied_seq(model_id):
             raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped")
-    _require_adapter(model_id)
-    result = work()
+        _require_adapter(model_id)
+        if before is not None:
+            before()
+
+    def done(result: Any) -> dict[str, Any]:  # on the engine thread, right after it ran
+        value = after(result) if after is not None else result
+        fields: dict[str, Any] = {"last_request_time": time.time()}
+        if seq_id is not None:
+            fields["applied_seq"] = runtime.applied_seq[model_id] = seq_id
+        runtime.after_result(model_id, **fields)
+        return value
+
+    value = runtime.engine.run(Work(kind, payload, model_id, seq_id, tokens, check, done))
     if not leaves_autosave_running:
         autosaver.wait(model_id)
-    fields: dict[str, Any] = {"last_request_time": time.time()}
-    if seq_id is not None:
-        fields["applied_seq"] = runtime.applied_seq[model_id] = seq_id
-    runtime.after_result(model_id, **fields)
-    return result
+    return value
 
 
 def _write_autosave(model_id: str) -> None:
@@ -80,13 +98,15 @@ class Autosaver:
     def __init__(self) -> None:
         self._writes: dict[str, threading.Thread] = {}
         self._errors: dict[str, BaseException] = {}
+        self._lock = threading.Lock()  # start() runs on the engine thread, wait() on pool threads too
 
     def start(self, model_id: str) -> None:
         if not runtime.settings.autosave:
             return
         self.wait(model_id)
         thread = threading.Thread(target=self._run, args=(model_id,), name=f"autosave {model_id}")
-        self._writes[model_id] = thread
+        with self._lock:
+            self._writes[model_id] = thread
         thread.start()
 
     def _run(self, model_id: str) -> None:
@@ -96,9 +116,13 @@ class Autosaver:
             self._errors[model_id] = exc
 
     def wait(self, model_id: str) -> None:
-        thread = self._writes.pop(model_id, None)
+        with self._lock:
+            thread = self._writes.get(model_id)
         if thread is not None:
             thread.join()
+            with self._lock:
+                if self._writes.get(model_id) is thread:
+                    del self._writes[model_id]
         error = self._errors.pop(model_id, None)
         if error is not None:
             log.error("autosave of %s failed: %r", model_id, error)
@@ -108,61 +132,82 @@ autosaver = Autosaver()
 
 
 def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
-    """Re-create an adapter this worker owned before it restarted, from its latest autosave if any."""
-    runtime.training.create_adapter(model_id, record["base_model"], LoraSpec(**record["lora"]))
-    if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
-        runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(record["gradients_since"])
-        log.warning("%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"])
-    saved = autosave_dir(model_id)
-    if saved.exists():
-        runtime.training.load_state(model_id, str(saved), True)
-        log.info("restored %s from %s", model_id, saved)
-    else:
-        log.warning("restored %s with fresh weights: no autosave found", model_id)
+    """Re-create an adapter this worker owned before it restarted, from its latest autosave if any (engine thread)."""
+
+    def restore() -> None:
+        runtime.training.create_adapter(model_id, record["base_model"], LoraSpec(**record["lora"]))
+        runtime.engine.base_of[model_id] = record["base_model"]
+        if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
+            runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(record["gradients_since"])
+            log.warning("%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"])
+        saved = autosave_dir(model_id)
+        if saved.exists():
+            runtime.training.load_state(model_id, str(saved), True)
+            log.info("restored %s from %s", model_id, saved)
+        else:
+            log.warning("restored %s with fresh weights: no autosave found", model_id)
+
+    runtime.engine.run(Work(CALL, restore, model_id))
     runtime.own_adapter(model_id)
 
 
-@app.task(name="tinkerbell.create_adapter", bind=True, throws=(UserError,))
-def create_adapter(self: Any, model_id: str, base_model: str, lora: dict[str, Any], load_path: str | None = None, with_optimizer: bool = False) -> dict[str, Any]:
+@app.task(name="tinkerbell.create_adapter", throws=(UserError,))
+def create_adapter(model_id: str, base_model: str, lora: dict[str, Any], load_path: str | None = None, with_optimizer: bool = False) -> dict[str, Any]:
     """Create (or, with load_path, restore from a checkpoint dir) an adapter here and start consuming its queue."""
-    if not runtime.training.has_adapter(model_id):
-        runtime.training.create_adapter(model_id, base_model, LoraSpec(**lora))
-        if load_path:
-            runtime.training.load_state(model_id, load_path, with_optimizer)
+
+    def create() -> None:
+        if not runtime.training.has_adapter(model_id):
+            runtime.training.create_adapter(model_id, base_model, LoraSpec(**lora))
+            if load_path:
+                runtime.training.load_state(model_id, load_path, with_optimizer)
+        runtime.engine.base_of[model_id] = base_model
+        autosaver.start(model_id)
+
+    runtime.engine.run(Work(CALL, create, model_id))
+    autosaver.wait(model_id)
     runtime.serve_base_model(base_model)
     runtime.own_adapter(model_id)
     runtime.registry.update_model(model_id, status="ready")
-    autosaver.start(model_id)
-    autosaver.wait(model_id)
     return {"model_id": model_id}
 
 
-@app.task(name="tinkerbell.remove_adapter", bind=True, throws=(UserError,))
-def remove_adapter(self: Any, model_id: str, seq_id: int | None = None) -> dict[str, Any]:
+@app.task(name="tinkerbell.remove_adapter", throws=(UserError,))
+def remove_adapter(model_id: str, seq_id: int | None = None) -> dict[str, Any]:
     """Runs in order after everything queued before it on the adapter's queue, then stops that queue."""
-    autosaver.wait(model_id)
-    if runtime.training.has_adapter(model_id):
-        runtime.training.remove_adapter(model_id)
+
+    def remove() -> dict[str, Any]:
+        autosaver.wait(model_id)
+        if runtime.training.has_adapter(model_id):
+            runtime.training.remove_adapter(model_id)
+        runtime.engine.base_of.pop(model_id, None)
+        return {"model_id": model_id, "removed": True}
+
+    def check() -> None:
+        if seq_id is not None and seq_id <= runtime._registry_applied_seq(model_id):
+            raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied")
+
+    result = runtime.engine.run(Work(CALL, remove, model_id, seq_id, before=check))
+    runtime.engine.forget(model_id)
     runtime.release_adapter(model_id)
     runtime.registry.delete_model(model_id)
     shutil.rmtree(autosave_dir(model_id), ignore_errors=True)
-    return {"model_id": model_id, "removed": True}
+    return result
 
 
-@app.task(name="tinkerbell.forward_backward", bind=True, throws=(UserError,))
-def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False, custom_loss: dict[str, Any] | None = None) -> dict[str, Any]:
-    """custom_loss: {name, version, hash, owner} of the owner's uploaded loss, resolved by api/ at publish time."""
+@app.task(name="tinkerbell.forward_backward", throws=(UserError,))
+def forward_backward(model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False, custom_loss: dict[str, Any] | None = None) -> dict[str, Any]:
+    """custom_loss: {name, version, hash, owner} of the owner's uploaded loss, resolved by api/ at publish time.
 
-    def work() -> dict[str, Any]:
-        from tasks import custom_losses
+    The message is decoded here, on the pool thread; the engine runs it in one pass with other adapters' requests.
+    """
+    from tasks import custom_losses
 
-        datums = [Datum(*decode_datum(d)) for d in data]
-        loss_name = custom_losses.resolve_loss_fn(loss_fn, custom_loss, runtime.settings, runtime.registry.redis)
-        request = FwdBwdRequest(model_id, datums, loss_name, dict(loss_fn_config or {}), forward_only)
-        params = custom_losses.trainable_parameters(runtime.training, model_id) if custom_loss else []
-        with custom_losses.gradients_restored_on_failure(params):
-            [result] = runtime.training.forward_backward([request])
-        tokens = sum(len(d.tokens) for d in datums)
+    datums = [Datum(*decode_datum(d)) for d in data]
+    loss_name = custom_losses.resolve_loss_fn(loss_fn, custom_loss, runtime.settings, runtime.registry.redis)
+    request = FwdBwdRequest(model_id, datums, loss_name, dict(loss_fn_config or {}), forward_only)
+    tokens = sum(len(d.tokens) for d in datums)
+
+    def after(result: Any) -> dict[str, Any]:
         runtime.after_result(stats={"tokens_trained" if not forward_only else "tokens_forward": tokens})
         if not forward_only and model_id not in runtime.gradients_since:
             # The first forward_backward since optim_step: the registry learns that gradients are pending before its
@@ -175,12 +220,12 @@ def forward_backward(self: Any, model_id: str, seq_id: int | None, data: list[di
             "metrics": result.metrics,
         }
 
-    return _once(self, model_id, seq_id, work)
+    return _ordered(model_id, seq_id, FWD_BWD, request, tokens, after=after)
 
 
-@app.task(name="tinkerbell.optim_step", bind=True, throws=(UserError,))
-def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -> dict[str, Any]:
-    def work() -> dict[str, Any]:
+@app.task(name="tinkerbell.optim_step", throws=(UserError,))
+def optim_step(model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -> dict[str, Any]:
+    def before() -> None:
         lost = runtime.lost_gradients.pop(model_id, None)
         if lost is not None:  # stepping on what is left would apply only part of the batch: say so instead
             runtime.training.discard_gradients(model_id)
@@ -191,12 +236,13 @@ def optim_step(self: Any, model_id: str, seq_id: int | None, adam_params: dict[s
                 f"since are discarded: run the forward_backward calls again, then optim_step"
             )
         autosaver.wait(model_id)
-        metrics = runtime.training.optim_step(model_id, AdamSpec(**adam_params))
+
+    def after(metrics: dict[str, float]) -> dict[str, Any]:
         _gradients_applied(model_id)
         autosaver.start(model_id)  # overlaps the next request; finished before that request's result is published
         return {"metrics": metrics}
 
-    return _once(self, model_id, seq_id, work, leaves_autosave_running=True)
+    return _ordered(model_id, seq_id, OPTIM, AdamSpec(**adam_params), before=before, after=after, leaves_autosave_running=True)
 
 
 def _gradients_applied(model_id: str) -> None:
@@ -205,19 +251,22 @@ def _gradients_applied(model_id: str) -> None:
         runtime.after_result(model_id, gradients_since=None)
 
 
-@app.task(name="tinkerbell.save_state", bind=True, throws=(UserError,))
-def save_state(self: Any, model_id: str, seq_id: int | None, name: str, kind: str = "weights", ttl_seconds: int | None = None, sampler_id: str | None = None) -> dict[str, Any]:
+@app.task(name="tinkerbell.save_state", throws=(UserError,))
+def save_state(model_id: str, seq_id: int | None, name: str, kind: str = "weights", ttl_seconds: int | None = None, sampler_id: str | None = None) -> dict[str, Any]:
     """Save weights (kind=weights: with optimizer; sampler_weights/external_weights: weights only) and record the checkpoint."""
+    target = checkpoint_dir(model_id, kind, name)
 
-    def work() -> dict[str, Any]:
-        target = checkpoint_dir(model_id, kind, name)
+    def save() -> int:  # engine thread: only the write of the adapter's tensors needs the device owner
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
         size = runtime.training.save_state(model_id, str(tmp), kind == "weights")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        record = runtime.registry.model_any(model_id) or {}
+        return size
+
+    def record(size: int) -> dict[str, Any]:
+        model = runtime.registry.model_any(model_id) or {}
         path = f"tinker://{model_id}/{kind}/{name}"
         now = time.time()
         runtime.registry.add_checkpoint(model_id, {
@@ -229,19 +278,20 @@ def save_state(self: Any, model_id: str, seq_id: int | None, name: str, kind: st
             "size_bytes": size,
             "public": False,
             "expires_at": now + ttl_seconds if ttl_seconds else None,
-            "owner": record.get("owner"),
-            "base_model": record.get("base_model"),
-            "lora": record.get("lora"),
+            "owner": model.get("owner"),
+            "base_model": model.get("base_model"),
+            "lora": model.get("lora"),
             "ephemeral": sampler_id is not None,
         })
         update = {"last_checkpoint" if kind == "weights" else "last_sampler_checkpoint": path}
         runtime.registry.update_model(model_id, **update)
         if sampler_id is not None:
-            runtime.registry.create_sampler(sampler_id, record.get("owner"), record.get("session_id"), record.get("base_model"), path, str(target))
+            runtime.registry.create_sampler(sampler_id, model.get("owner"), model.get("session_id"), model.get("base_model"), path, str(target))
             _prune_ephemeral(model_id)
         return {"path": path, "size_bytes": size, "sampling_session_id": sampler_id}
 
-    return _once(self, model_id, seq_id, work)
+    save.__name__ = "save_state"
+    return _ordered(model_id, seq_id, CALL, save, after=record)
 
 
 def _prune_ephemeral(model_id: str) -> None:
@@ -252,9 +302,9 @@ def _prune_ephemeral(model_id: str) -> None:
         shutil.rmtree(checkpoint["dir"], ignore_errors=True)
 
 
-@app.task(name="tinkerbell.load_state", bind=True, throws=(UserError,))
-def load_state(self: Any, model_id: str, seq_id: int | None, directory: str, with_optimizer: bool, path: str) -> dict[str, Any]:
-    def work() -> dict[str, Any]:
+@app.task(name="tinkerbell.load_state", throws=(UserError,))
+def load_state(model_id: str, seq_id: int | None, directory: str, with_optimizer: bool, path: str) -> dict[str, Any]:
+    def load() -> dict[str, Any]:
         if not Path(directory).exists():
             raise UserError(f"path: checkpoint '{path}' has no files (was it deleted?)")
         autosaver.wait(model_id)
@@ -262,4 +312,5 @@ def load_state(self: Any, model_id: str, seq_id: int | None, directory: str, wit
         autosaver.start(model_id)
         return {"path": path, "model_id": model_id}
 
-    return _once(self, model_id, seq_id, work)
+    load.__name__ = "load_state"
+    return _ordered(model_id, seq_id, CALL, load)

@@ -1,18 +1,19 @@
 """Start one Celery worker pinned to one device: `python -m tasks.worker --device cuda:0 --name gpu0`.
 
-Pins the device with CUDA_VISIBLE_DEVICES before torch loads, runs a --pool=solo worker that consumes
-worker.<name>, registers itself in Redis with a heartbeat, and re-subscribes the adapters it owns.
+Pins the device with CUDA_VISIBLE_DEVICES before torch loads, runs a Celery worker on the threads pool that consumes
+worker.<name> (pool threads hold many messages at once; the engine thread in tasks/engine.py runs them on the
+device), registers itself in Redis with a heartbeat, and re-subscribes the adapters it owns.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import socket
 import sys
 import threading
-import time
 from typing import Any
 
 log = logging.getLogger("tinkerbell.worker")
@@ -48,6 +49,7 @@ def _heartbeat_loop(stop: threading.Event) -> None:
 
 def _on_ready(sender: Any, **_: Any) -> None:
     """worker_ready: remember the consumer, start the heartbeat, load base models, re-subscribe owned adapters."""
+    from tasks.engine import CALL, Work
     from tasks.runtime import runtime
     from tasks.training import restore_adapter
 
@@ -60,13 +62,13 @@ def _on_ready(sender: Any, **_: Any) -> None:
     stop = threading.Event()
     threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True).start()
     for base_model in runtime.settings.worker_base_models:
-        try:
-            preload = getattr(runtime.training, "load_base_model", None)
-            if preload is not None:
-                preload(base_model)
-        except Exception:
-            log.exception("could not preload base model %s", base_model)
-            continue
+        preload = getattr(runtime.training, "load_base_model", None)
+        if preload is not None:
+            try:
+                runtime.engine.run(Work(CALL, functools.partial(preload, base_model)))
+            except Exception:
+                log.exception("could not preload base model %s", base_model)
+                continue
         runtime.serve_base_model(base_model)
     for model_id in owned:
         record = runtime.registry.model_any(model_id)
@@ -95,23 +97,10 @@ def _restore_requests_in_flight(runtime: Any, owned: list[str]) -> None:
         log.warning("restored %d request(s) in flight when this worker last stopped: %s", len(restored), ", ".join(restored))
 
 
-def _on_task_prerun(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
-    """Remember what runs, for the heartbeat: `inspect active` cannot answer while a solo worker runs a task."""
-    from tasks.runtime import runtime
-
-    kwargs = kwargs or {}
-    runtime.current_task = {"task": task.name, "id": task_id, "model_id": kwargs.get("model_id"), "seq_id": kwargs.get("seq_id"), "started": time.time()}
-
-
-def _on_task_postrun(**_: Any) -> None:
-    from tasks.runtime import runtime
-
-    runtime.current_task = None
-
-
 def _on_shutdown(**_: Any) -> None:
     from tasks.runtime import runtime
 
+    runtime.engine.stop()
     runtime.registry.unregister_worker(runtime.name)
 
 
@@ -153,13 +142,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from celery import signals
 
+    from core.settings import Settings
     from tasks.celery_app import app, worker_queue
 
     signals.worker_ready.connect(_on_ready, weak=False)
     signals.worker_shutdown.connect(_on_shutdown, weak=False)
-    signals.task_prerun.connect(_on_task_prerun, weak=False)
-    signals.task_postrun.connect(_on_task_postrun, weak=False)
-    app.worker_main(["worker", "--pool=solo", "-n", f"{name}@{socket.gethostname()}", "-Q", worker_queue(name), "--loglevel", args.loglevel, "-E", "--without-gossip", "--without-mingle", *extra])
+    settings = Settings.from_env()
+    app.worker_main([
+        "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
+        f"--prefetch-multiplier={settings.worker_prefetch}", "-n", f"{name}@{socket.gethostname()}",
+        "-Q", worker_queue(name), "--loglevel", args.loglevel, "-E", "--without-gossip", "--without-mingle", *extra,
+    ])
 
 
 if __name__ == "__main__":
