@@ -261,8 +261,9 @@ class Registry:
         return sorted(self.redis.smembers(P + f"worker:{name}:adapters"))
 
     def pick_worker(self, base_model: str) -> str | None:
-        """Fewest adapters among live workers serving base_model; else fewest among all live workers."""
-        workers = self.live_workers()
+        """Fewest adapters among live training workers serving base_model; else fewest among all training workers.
+        A worker without a recorded role (older version) trains."""
+        workers = [w for w in self.live_workers() if "train" in str(w.get("role", "train"))]
         serving = [w for w in workers if base_model in w.get("base_models", [])] or workers
         if not serving:
             return None

@@ -103,6 +103,14 @@ class Settings:
         return names or [self.base_model]
 
     @property
+    def roles(self) -> set[str]:
+        """{"train"}, {"sample"} or both: what this worker does (placement gives adapters to train workers only)."""
+        roles = {r.strip() for r in self.role.replace("both", "train,sample").split(",") if r.strip()}
+        if not roles or roles - {"train", "sample"}:
+            raise ValueError(f"TINKERBELL_ROLE must be train, sample or train,sample, not {self.role!r}")
+        return roles
+
+    @property
     def torch_dtype_name(self) -> str:
         """float32 or bfloat16: TINKERBELL_DTYPE, else float32 on the CPU and bfloat16 on CUDA."""
         if self.dtype:

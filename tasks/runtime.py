@@ -108,8 +108,10 @@ class Runtime:
         self.stop_consuming(adapter_queue(model_id))
 
     def serve_base_model(self, base_model: str) -> None:
-        self.sample_queues.add(base_model)
-        self.consume(sample_queue(base_model))
+        """Consume sample.<base_model>: sampling workers only (a train-only worker still trains on it)."""
+        if "sample" in self.settings.roles:
+            self.sample_queues.add(base_model)
+            self.consume(sample_queue(base_model))
 
     def after_result(self, model_id: str | None = None, stats: dict[str, float] | None = None, **fields: Any) -> None:
         """Registry bookkeeping a task leaves for after its result is stored (flush_after_result), off the
@@ -134,6 +136,7 @@ class Runtime:
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "device": self.settings.device,
+            "role": ",".join(sorted(self.settings.roles)),
             "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues),
             "engine": self.engine.status(),
             "current_task": self.engine.busy,  # what the status page shows as "running"

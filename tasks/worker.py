@@ -20,19 +20,23 @@ log = logging.getLogger("tinkerbell.worker")
 
 
 def default_name(device: str) -> str:
-    return "cpu0" if device == "cpu" else "gpu" + device.split(":")[-1]
+    if device == "cpu":
+        return "cpu0"
+    return "gpu" + "-".join(part.split(":")[-1] for part in device.split(","))  # cuda:0,cuda:1 -> gpu0-1
 
 
 def pin_device(device: str) -> str:
-    """cuda:N -> CUDA_VISIBLE_DEVICES=N, and the process then sees it as cuda:0."""
-    if device.startswith("cuda"):
-        index = device.split(":")[1] if ":" in device else "0"
-        os.environ["CUDA_VISIBLE_DEVICES"] = index
-        return "cuda:0"
+    """cuda:N -> CUDA_VISIBLE_DEVICES=N, and the process then sees it as cuda:0; a tensor-parallel worker's
+    cuda:2,cuda:3 -> CUDA_VISIBLE_DEVICES=2,3, seen as cuda:0,cuda:1 (one rank each)."""
+    parts = [p.strip() for p in device.split(",") if p.strip()]
+    if parts and all(p.startswith("cuda") for p in parts):
+        indices = [p.split(":")[1] if ":" in p else "0" for p in parts]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(indices)
+        return ",".join(f"cuda:{i}" for i in range(len(indices)))
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return "cpu"
-    raise SystemExit(f"--device must be cpu or cuda:N, not {device!r}")
+    raise SystemExit(f"--device must be cpu, cuda:N or a list cuda:N,cuda:M (tensor parallel), not {device!r}")
 
 
 def _heartbeat_loop(stop: threading.Event) -> None:
@@ -130,12 +134,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default=os.environ.get("TINKERBELL_DEVICE", "cpu"), help="cpu or cuda:N")
     parser.add_argument("--name", default=os.environ.get("TINKERBELL_WORKER_NAME", ""), help="readable worker name (queue worker.<name>)")
+    parser.add_argument("--role", default=os.environ.get("TINKERBELL_ROLE", "train,sample"),
+                        help="train, sample or train,sample (default: both, so one worker runs everything)")
+    parser.add_argument("--tensor-parallel", type=int, default=int(os.environ.get("TINKERBELL_TENSOR_PARALLEL", "1")),
+                        help="Megatron backend: ranks in this worker's tensor-parallel group, one per device in --device")
     parser.add_argument("--loglevel", default=os.environ.get("TINKERBELL_LOG_LEVEL", "INFO"))
     args, extra = parser.parse_known_args(argv)
     name = args.name or default_name(args.device)
     os.environ["TINKERBELL_PHYSICAL_DEVICE"] = args.device
     os.environ["TINKERBELL_DEVICE"] = pin_device(args.device)  # before anything imports torch
     os.environ["TINKERBELL_WORKER_NAME"] = name
+    os.environ["TINKERBELL_ROLE"] = args.role
+    os.environ["TINKERBELL_TENSOR_PARALLEL"] = str(args.tensor_parallel)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tune_malloc()
     logging.basicConfig(level=args.loglevel.upper(), format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", stream=sys.stdout)
