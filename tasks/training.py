@@ -105,9 +105,9 @@ class Autosaver:
             return
         self.wait(model_id)
         thread = threading.Thread(target=self._run, args=(model_id,), name=f"autosave {model_id}")
-        with self._lock:
+        with self._lock:  # started before it is visible: wait() may join it from a pool thread at once
+            thread.start()
             self._writes[model_id] = thread
-        thread.start()
 
     def _run(self, model_id: str) -> None:
         try:

@@ -24,7 +24,7 @@ from tests.stackutil import TINY_MODEL, wait_for
 os.environ["TINKER_TELEMETRY"] = "0"
 KEY = "tml-engine-tests"
 RANKS = [2, 4, 8, 4, 2, 8, 4, 2]
-ADAM = types.AdamParams(learning_rate=2e-2)
+ADAM = types.AdamParams(learning_rate=1e-3)  # Adam normalises: float noise on near-zero gradients scales with lr
 STEPS = 3
 
 
