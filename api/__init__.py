@@ -20,12 +20,14 @@ log = logging.getLogger("tinkerbell.api")
 
 class ApiRequest(Request):
     def on_json_loading_failed(self, e: ValueError | None):
-        raise UserError(f"body: malformed JSON ({e})" if e else "body: expected a JSON body with Content-Type: application/json")
+        raise UserError(
+            f"body: malformed JSON ({e})" if e else "body: expected a JSON body with Content-Type: application/json"
+        )
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Flask:
+    from api import custom_losses, native, ops, tinker
     from api.auth import authenticate
-    from api.native import bp as native_bp
     from api.service import Service
 
     settings = settings or Settings.from_env()
@@ -37,14 +39,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.json.sort_keys = False
     app.before_request(_start_timer)
     app.before_request(authenticate)
-    app.register_blueprint(native_bp)
-    for name in ("api.tinker", "api.ops", "api.custom_losses"):
-        try:
-            module = __import__(name, fromlist=["bp"])
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in (native, tinker, ops, custom_losses):
         app.register_blueprint(module.bp)
 
     @app.errorhandler(UserError)

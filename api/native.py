@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from api import validate
 from api.auth import public
+from api.datums import check_tokens
 from api.futures import PENDING, error_body
 from api.jsonwire import body, datums_from_json, required, result_json, tokens_from_json
 from api.service import Service
@@ -17,6 +19,7 @@ from core.errors import UserError
 from core.wire import encode_array
 
 bp = Blueprint("native", __name__)
+MAX_POLL_S = 60.0  # a native long-poll holds its thread at most this long, whatever timeout it asks for
 
 
 def service() -> Service:
@@ -28,7 +31,10 @@ def service() -> Service:
 @public
 def healthz():
     workers = current_app.config["REGISTRY"].live_workers()
-    return jsonify(status="ok", workers=[{"name": w["name"], "device": w.get("device"), "adapters": len(w["adapters"])} for w in workers])
+    return jsonify(
+        status="ok",
+        workers=[{"name": w["name"], "device": w.get("device"), "adapters": len(w["adapters"])} for w in workers],
+    )
 
 
 @bp.get("/get_server_capabilities")
@@ -43,17 +49,21 @@ def list_loss_functions():
     registry = current_app.config["REGISTRY"]
     builtins = sorted(registry.builtin_losses(), key=lambda c: c["name"])
     custom = sorted(registry.custom_losses(g.owner), key=lambda c: c["name"])
-    return jsonify(loss_functions=builtins + custom, builtin=[c["name"] for c in builtins], custom=[c["name"] for c in custom])
+    return jsonify(
+        loss_functions=builtins + custom, builtin=[c["name"] for c in builtins], custom=[c["name"] for c in custom]
+    )
 
 
 @bp.post("/add_lora")
 def add_lora():
     payload = body()
-    lora = dict(payload.get("lora_config") or {})
+    lora = dict(validate.mapping(payload.get("lora_config"), "lora_config"))
     for key in ("rank", "alpha", "seed", "train_attn", "train_mlp", "train_unembed"):
         if key in payload:
             lora[key] = payload[key]
-    model_id, request_id = service().create_model(g.owner, payload.get("session_id"), None, payload.get("base_model"), lora, payload.get("user_metadata"))
+    model_id, request_id = service().create_model(
+        g.owner, payload.get("session_id"), None, payload.get("base_model"), lora, payload.get("user_metadata")
+    )
     return jsonify(model_id=model_id, request_id=request_id)
 
 
@@ -62,24 +72,17 @@ def remove_lora():
     return jsonify(request_id=service().remove_model(g.owner, required(body(), "model_id")))
 
 
-def _seq_id(payload: dict[str, Any]) -> int | None:
-    seq_id = payload.get("seq_id")
-    if seq_id is not None and (not isinstance(seq_id, int) or seq_id < 1):
-        raise UserError(f"seq_id: must be a positive integer, got {seq_id!r}")
-    return seq_id
-
-
 @bp.post("/fwdbwd")
 @bp.post("/forward")
 def fwdbwd():
     payload = body()
     model_id = required(payload, "model_id")
     data = datums_from_json(payload.get("data"))
-    config = payload.get("loss_fn_config") or {}
-    if not isinstance(config, dict):
-        raise UserError("loss_fn_config: must be an object")
-    forward_only = bool(payload.get("forward_only", request.path == "/forward"))
-    request_id = service().forward_backward(g.owner, model_id, _seq_id(payload), data, payload.get("loss_fn", "cross_entropy"), config, forward_only)
+    forward_only = validate.boolean(payload.get("forward_only"), "forward_only", request.path == "/forward")
+    loss_fn = payload.get("loss_fn", "cross_entropy")
+    request_id = service().forward_backward(
+        g.owner, model_id, payload.get("seq_id"), data, loss_fn, payload.get("loss_fn_config"), forward_only
+    )
     return jsonify(request_id=request_id, model_id=model_id)
 
 
@@ -87,7 +90,7 @@ def fwdbwd():
 def optim_step():
     payload = body()
     model_id = required(payload, "model_id")
-    request_id = service().optim_step(g.owner, model_id, _seq_id(payload), payload.get("adam_params"))
+    request_id = service().optim_step(g.owner, model_id, payload.get("seq_id"), payload.get("adam_params"))
     return jsonify(request_id=request_id, model_id=model_id)
 
 
@@ -95,8 +98,10 @@ def optim_step():
 def save_state():
     payload = body()
     model_id = required(payload, "model_id")
-    kind = "sampler_weights" if payload.get("for_sampler") else "weights"
-    request_id = service().save_state(g.owner, model_id, _seq_id(payload), payload.get("name"), kind, payload.get("ttl_seconds"))
+    kind = "sampler_weights" if validate.boolean(payload.get("for_sampler"), "for_sampler") else "weights"
+    request_id = service().save_state(
+        g.owner, model_id, payload.get("seq_id"), payload.get("name"), kind, payload.get("ttl_seconds")
+    )
     return jsonify(request_id=request_id, model_id=model_id)
 
 
@@ -104,20 +109,28 @@ def save_state():
 def load_state():
     payload = body()
     model_id = required(payload, "model_id")
-    request_id = service().load_state(g.owner, model_id, _seq_id(payload), required(payload, "path"), bool(payload.get("optimizer", True)))
+    with_optimizer = validate.boolean(payload.get("optimizer"), "optimizer", default=True)
+    request_id = service().load_state(
+        g.owner, model_id, payload.get("seq_id"), required(payload, "path"), with_optimizer
+    )
     return jsonify(request_id=request_id, model_id=model_id)
 
 
 def _native_sample(payload: dict[str, Any]) -> str:
     """Sample from a base model (base_model) or saved weights (model_path: tinker://…)."""
     svc = service()
-    if payload.get("sampling_session_id"):
-        sampler = current_app.config["REGISTRY"].sampler(payload["sampling_session_id"], g.owner)
+    sampler_id = validate.optional_string(payload.get("sampling_session_id"), "sampling_session_id")
+    if sampler_id:
+        sampler = current_app.config["REGISTRY"].sampler(sampler_id, g.owner)
         base_model, adapter_dir = sampler["base_model"], sampler["adapter_dir"]
     else:
         base_model, adapter_dir = svc.sampler_target(g.owner, payload.get("base_model"), payload.get("model_path"))
-    prompt = encode_array(tokens_from_json(required(payload, "prompt"), "prompt"), "int64")
-    return svc.sample(g.owner, base_model, adapter_dir, prompt, payload.get("sampling_params"), payload.get("num_samples", 1), payload.get("prompt_logprobs", False), payload.get("topk_prompt_logprobs", 0))
+    tokens = tokens_from_json(payload.get("prompt"), "prompt")
+    check_tokens(tokens, "prompt")
+    options = (payload.get("num_samples", 1), payload.get("prompt_logprobs"), payload.get("topk_prompt_logprobs"))
+    return svc.sample(
+        g.owner, base_model, adapter_dir, encode_array(tokens, "int64"), payload.get("sampling_params"), *options
+    )
 
 
 @bp.post("/api/v1/sample")
@@ -136,20 +149,31 @@ def asample():
     return jsonify(request_id=request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(num_samples)])
 
 
-def _answer(request_id: str, kind: str, timeout_s: float, future: dict[str, Any] | None = None):
-    outcome = service().poll(future or {}, request_id, timeout_s)
+def poll_answer(future: dict[str, Any], request_id: str, timeout_s: float) -> tuple[Response | None, Any]:
+    """Long-poll a future: (the answer, None) while it is pending or when it failed, else (None, its result)."""
+    outcome = service().poll(future, request_id, timeout_s)
     if outcome is PENDING:
-        return jsonify(type="try_again", request_id=request_id, queue_state="active")
+        return jsonify(type="try_again", request_id=request_id, queue_state="active"), None
     state, result = outcome
     if state != "SUCCESS":
-        return jsonify(error_body(result))
-    return jsonify(result_json(kind, result))
+        return jsonify(error_body(result)), None
+    return None, result
+
+
+def _answer(request_id: str, kind: str, timeout_s: float, future: dict[str, Any] | None = None) -> Response:
+    waiting, result = poll_answer(future or {}, request_id, timeout_s)
+    return waiting or jsonify(result_json(kind, result))
 
 
 @bp.post("/retrieve_future")
 def retrieve_future():
     payload = body()
     request_id = required(payload, "request_id")
+    timeout = payload.get("timeout")
+    timeout_s = (
+        current_app.config["SETTINGS"].poll_timeout_s if timeout is None else validate.number(timeout, "timeout")
+    )
+    if timeout_s < 0:
+        raise UserError(f"timeout: must not be negative, got {timeout_s}")
     future = current_app.config["REGISTRY"].future(request_id, g.owner)
-    timeout_s = min(float(payload.get("timeout", current_app.config["SETTINGS"].poll_timeout_s)), 60.0)
-    return _answer(request_id, future["kind"], timeout_s, future)
+    return _answer(request_id, future["kind"], min(timeout_s, MAX_POLL_S), future)

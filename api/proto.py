@@ -2,20 +2,44 @@
 
 Requests become core.wire datums (validated like the JSON ones); task results become ForwardBackwardOutput /
 SampleResponse bytes. No torch here (DESIGN rule 1).
+
+The generated module is loaded from its file in the installed `tinker` package without running that package's
+`__init__` (which imports torch). That file imports only google.protobuf, and loading it this way has no build
+step and no second copy of the schema: the wire format is exactly the pinned SDK's (requirements.txt pins
+tinker and protobuf). Generating our own from tinker_public.proto would add protoc to the build and a copy
+that can drift from the SDK it has to match.
 """
 
 from __future__ import annotations
 
-import math
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from tinker.proto import tinker_public_pb2 as pb
 
-from api.jsonwire import check_datum, wire_datum
+from api.datums import checked_datum, dense, dense_from_csr
 from core.errors import UserError
-from core.wire import decode_array
+from core.wire import TOPK_EMPTY, decode_array, decode_topk
+
+
+def _sdk_proto_module() -> ModuleType:
+    """tinker/proto/tinker_public_pb2.py, executed on its own (find_spec of a top-level name imports nothing)."""
+    spec = importlib.util.find_spec("tinker")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the tinker SDK is not installed: pip install -r requirements.txt")
+    path = Path(spec.submodule_search_locations[0]) / "proto" / "tinker_public_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("api._tinker_public_pb2", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"no generated protobuf module at {path} (has the tinker SDK moved it?)")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+pb: Any = _sdk_proto_module()
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 MAX_BODY_BYTES = 1 << 30  # a decompressed fwd/bwd body larger than this is refused, not buffered
@@ -49,32 +73,27 @@ def _tensor(msg: pb.Tensor, field: str) -> np.ndarray:
     """A proto Tensor (dense or CSR) as a dense numpy array."""
     dtype = _NP_OF.get(msg.dtype)
     if dtype is None:
-        raise UserError(f"{field}.dtype: must be float32 or int64, got {pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype}")
+        raise UserError(
+            f"{field}.dtype: must be float32 or int64, "
+            f"got {pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype}"
+        )
     shape = [int(s) for s in msg.shape]
-    try:
-        if msg.HasField("sparse_csr"):
-            values = np.frombuffer(msg.sparse_csr.values, dtype=dtype)
-            crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype="<i8")
-            col = np.frombuffer(msg.sparse_csr.col_indices, dtype="<i8")
-            if len(shape) != 2:
-                raise UserError(f"{field}.shape: a sparse CSR tensor needs a 2-D shape, got {shape}")
-            rows, cols = shape
-            if len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != len(values) or len(col) != len(values) or (np.diff(crow) < 0).any():
-                raise UserError(f"{field}.sparse_csr: crow_indices/col_indices do not describe {len(values)} values in a {shape} matrix")
-            if len(col) and (col.min() < 0 or col.max() >= cols):
-                raise UserError(f"{field}.sparse_csr.col_indices: outside 0..{cols - 1}")
-            dense = np.zeros(shape, dtype=dtype.newbyteorder("="))
-            row_of = np.repeat(np.arange(rows), np.diff(crow))
-            dense[row_of, col] = values
-            return dense
-        arr = np.frombuffer(msg.dense, dtype=dtype)
-        if shape:
-            if math.prod(shape) != arr.size:
-                raise UserError(f"{field}: {arr.size} values do not fill shape {shape}")
-            arr = arr.reshape(shape)
-        return arr.astype(dtype.newbyteorder("="))
-    except ValueError as exc:
-        raise UserError(f"{field}: not a valid tensor ({exc})") from None
+    if msg.HasField("sparse_csr"):
+        csr = msg.sparse_csr
+        values, crow, col = (
+            _buffer(data, kind, f"{field}.sparse_csr")
+            for data, kind in ((csr.values, dtype), (csr.crow_indices, "<i8"), (csr.col_indices, "<i8"))
+        )
+        return dense_from_csr(values, crow, col, shape, f"{field}.sparse_csr")
+    return dense(_buffer(msg.dense, dtype, field), shape or None, field)
+
+
+def _buffer(data: bytes, dtype: Any, field: str) -> np.ndarray:
+    """Little-endian bytes as a native-order flat array."""
+    dtype = np.dtype(dtype)
+    if len(data) % dtype.itemsize:
+        raise UserError(f"{field}: {len(data)} bytes are not whole {dtype.name} values")
+    return np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
 def _tokens(datum: pb.Datum, field: str) -> np.ndarray:
@@ -82,10 +101,11 @@ def _tokens(datum: pb.Datum, field: str) -> np.ndarray:
     for i, chunk in enumerate(datum.model_input):
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise UserError(f"{field}.model_input.chunks[{i}]: only encoded_text chunks are supported, got {kind or 'an empty chunk'}")
-        if len(chunk.encoded_text.tokens) % 4:
-            raise UserError(f"{field}.model_input.chunks[{i}].tokens: length is not a multiple of 4 bytes (int32)")
-        parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+            raise UserError(
+                f"{field}.model_input.chunks[{i}]: only encoded_text chunks are supported, "
+                f"got {kind or 'an empty chunk'}"
+            )
+        parts.append(_buffer(chunk.encoded_text.tokens, "<i4", f"{field}.model_input.chunks[{i}].tokens"))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -115,15 +135,14 @@ def parse_forward_backward(body: bytes) -> pb.ForwardBackwardRequest:
 
 def wire_datums(msg: pb.ForwardBackwardRequest) -> list[dict[str, Any]]:
     """The request's datums, validated like the JSON ones, as core.wire payloads."""
-    if not msg.data:
-        raise UserError("data: empty batch; send at least one datum")
     datums = []
     for i, datum in enumerate(msg.data):
         field = f"data[{i}]"
         tokens = _tokens(datum, field)
-        inputs = {name: _tensor(tensor, f"{field}.loss_fn_inputs.{name}") for name, tensor in datum.loss_fn_inputs.items()}
-        check_datum(tokens, inputs, i)
-        datums.append(wire_datum(tokens, inputs))
+        inputs = {
+            name: _tensor(tensor, f"{field}.loss_fn_inputs.{name}") for name, tensor in datum.loss_fn_inputs.items()
+        }
+        datums.append(checked_datum(tokens, inputs, i))
     return datums
 
 
@@ -147,7 +166,9 @@ def forward_backward_output(result: dict[str, Any]) -> bytes:
     groups: list[tuple[tuple, list[dict[str, np.ndarray]]]] = []
     for item in result.get("loss_fn_outputs") or []:
         arrays = {name: decode_array(payload) for name, payload in item.items()}
-        signature = tuple(sorted((name, payload["dtype"], tuple(arrays[name].shape[1:])) for name, payload in item.items()))
+        signature = tuple(
+            sorted((name, payload["dtype"], tuple(arrays[name].shape[1:])) for name, payload in item.items())
+        )
         if groups and groups[-1][0] == signature:
             groups[-1][1].append(arrays)
         else:
@@ -166,15 +187,14 @@ def forward_backward_output(result: dict[str, Any]) -> bytes:
     return out.SerializeToString()
 
 
-def _topk(rows: list[list[list[float]]]) -> pb.TopkLogprobs:
-    """Ragged [[token, logprob], …] per position → N×K arrays, empty cells 0 / -99999."""
-    k = max((len(row) for row in rows), default=0)
-    ids = np.zeros((len(rows), k), dtype="<i4")
-    logprobs = np.full((len(rows), k), _TOPK_EMPTY_LOGPROB, dtype="<f4")
-    for i, row in enumerate(rows):
-        for j, (token, logprob) in enumerate(row):
-            ids[i, j], logprobs[i, j] = int(token), float(logprob)
-    return pb.TopkLogprobs(token_ids=ids.tobytes(), logprobs=logprobs.tobytes(), k=k, length=len(rows))
+def _topk(payload: dict[str, Any] | list) -> Any:
+    """Top-k prompt logprobs (core.wire.decode_topk) → TopkLogprobs: N×K arrays, empty cells 0 / -99999."""
+    tokens, logprobs = decode_topk(payload)
+    empty = tokens == TOPK_EMPTY
+    ids = np.where(empty, 0, tokens).astype("<i4")
+    logprobs = np.where(empty, _TOPK_EMPTY_LOGPROB, logprobs).astype("<f4")
+    k = tokens.shape[1] if tokens.ndim == 2 else 0
+    return pb.TopkLogprobs(token_ids=ids.tobytes(), logprobs=logprobs.tobytes(), k=k, length=len(tokens))
 
 
 def sample_response(result: dict[str, Any]) -> bytes:

@@ -11,12 +11,13 @@ import json
 import re
 import time
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
+from api import validate
 from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
-from backends.base import AdamSpec, LoraSpec, SamplingSpec
+from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
 from backends.models import is_known_model
 from core.errors import NotFound, UserError
 from core.registry import Registry
@@ -27,58 +28,6 @@ EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiti
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 BUILTIN_TTL_S = 10.0
-
-
-def _spec(cls: type, values: dict[str, Any] | None, field_name: str) -> Any:
-    """Build a spec dataclass from request JSON, naming the field on bad values; unknown keys are ignored."""
-    values = values or {}
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known or value is None:
-            continue
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"{field_name}: {exc}") from None
-
-
-def lora_spec(values: dict[str, Any] | None) -> LoraSpec:
-    spec = _spec(LoraSpec, values, "lora_config")
-    if not isinstance(spec.rank, int) or spec.rank <= 0 or spec.rank > 1024:
-        raise UserError(f"lora_config.rank: must be an integer in 1..1024, got {spec.rank!r}")
-    if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
-        raise UserError("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")
-    return spec
-
-
-def adam_spec(values: dict[str, Any] | None) -> AdamSpec:
-    spec = _spec(AdamSpec, values, "adam_params")
-    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
-        if not isinstance(getattr(spec, name), (int, float)):
-            raise UserError(f"adam_params.{name}: must be a number")
-    if not spec.learning_rate > 0:
-        raise UserError(f"adam_params.learning_rate: must be positive, got {spec.learning_rate}")
-    if not (0 <= spec.beta1 < 1 and 0 <= spec.beta2 < 1):
-        raise UserError("adam_params.beta1/beta2: must be in [0, 1)")
-    if spec.eps < 0 or spec.weight_decay < 0 or spec.grad_clip_norm < 0:
-        raise UserError("adam_params: eps, weight_decay and grad_clip_norm must not be negative")
-    return spec
-
-
-def sampling_spec(values: dict[str, Any] | None) -> SamplingSpec:
-    spec = _spec(SamplingSpec, values, "sampling_params")
-    if spec.max_tokens is None or int(spec.max_tokens) < 1:
-        raise UserError(f"sampling_params.max_tokens: must be at least 1, got {spec.max_tokens!r}")
-    if spec.temperature < 0:
-        raise UserError("sampling_params.temperature: must not be negative")
-    if not 0 < spec.top_p <= 1:
-        raise UserError("sampling_params.top_p: must be in (0, 1]")
-    stop = spec.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    return SamplingSpec(int(spec.max_tokens), float(spec.temperature), float(spec.top_p), int(spec.top_k), spec.seed, stop)
 
 
 class Service:
@@ -92,16 +41,40 @@ class Service:
 
     # ---- publishing -----------------------------------------------------------------------
     def _message(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> str:
-        """The broker message for a task, with a short, readable argument summary for Flower (never raw token arrays)."""
+        """The broker message for a task, with a short, readable argument summary for Flower (never raw token
+        arrays)."""
         return task_message(task, kwargs, request_id, queue, json.dumps(summary))
 
-    def publish(self, owner: str, kind: str, model_id: str | None, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> None:
-        """Record the future of a task that needs no ordering (create an adapter, sample) and publish it, in one step."""
-        self.registry.push(queue, self._message(task, kwargs, queue, request_id, summary), request_id, owner, kind, model_id)
+    def publish(
+        self,
+        owner: str,
+        kind: str,
+        model_id: str | None,
+        task: str,
+        kwargs: dict[str, Any],
+        queue: str,
+        request_id: str,
+        summary: dict[str, Any],
+    ) -> None:
+        """Record the future of a task that needs no ordering (create an adapter, sample) and publish it, in one
+        step."""
+        self.registry.push(
+            queue, self._message(task, kwargs, queue, request_id, summary), request_id, owner, kind, model_id
+        )
 
-    def submit_ordered(self, owner: str, model_id: str, seq_id: int | None, task: str, kwargs: dict[str, Any], kind: str, summary: dict[str, Any]) -> str:
+    def submit_ordered(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        task: str,
+        kwargs: dict[str, Any],
+        kind: str,
+        summary: dict[str, Any],
+    ) -> str:
         """Admit a request that touches the owner's model: published in seq_id order, each seq_id once (one atomic
         script, which also checks the model is the owner's)."""
+        seq_id = validate.seq_id(seq_id)
         if seq_id is None:
             seq_id = self.registry.next_seq(model_id, owner)
         request_id = str(uuid.uuid4())
@@ -109,7 +82,10 @@ class Service:
         message = self._message(task, {**kwargs, "seq_id": seq_id}, queue, request_id, {**summary, "seq_id": seq_id})
         answer_id = self.registry.submit(model_id, seq_id, request_id, message, queue, owner, kind)
         if answer_id.startswith(EXPIRED):
-            raise UserError(f"seq_id {seq_id}: arrived after {model_id}'s later requests waited {self.settings.seq_gap_timeout_s:g} s for it and ran without it")
+            raise UserError(
+                f"seq_id {seq_id}: arrived after {model_id}'s later requests waited "
+                f"{self.settings.seq_gap_timeout_s:g} s for it and ran without it"
+            )
         return answer_id
 
     def skip_seq(self, owner: str, model_id: str, seq_id: int) -> None:
@@ -144,7 +120,9 @@ class Service:
     def check_base_model(self, base_model: str | None) -> str:
         base_model = base_model or self.settings.base_model
         if not isinstance(base_model, str) or not is_known_model(base_model, self.settings):
-            raise UserError(f"base_model: unknown base model {base_model!r}; supported: {', '.join(self.supported_models())}")
+            raise UserError(
+                f"base_model: unknown base model {base_model!r}; supported: {', '.join(self.supported_models())}"
+            )
         return base_model
 
     def supported_models(self) -> list[str]:
@@ -153,72 +131,176 @@ class Service:
             names.update(worker.get("base_models", []))
         return sorted(names)
 
-    def create_model(self, owner: str, session_id: str | None, model_seq_id: int | None, base_model: str | None, lora: dict[str, Any] | None, user_metadata: dict | None = None, load: dict[str, Any] | None = None) -> tuple[str, str]:
-        """Place a new adapter on a worker; returns (model_id, request_id). load: {"dir", "with_optimizer"} to restore."""
+    def create_model(
+        self,
+        owner: str,
+        session_id: str | None,
+        model_seq_id: int | None,
+        base_model: str | None,
+        lora: dict[str, Any] | None,
+        user_metadata: dict | None = None,
+        load: dict[str, Any] | None = None,
+    ) -> tuple[str, str]:
+        """Place a new adapter on a worker; returns (model_id, request_id).
+
+        load: {"dir", "with_optimizer"} to restore one from a checkpoint."""
         base_model = self.check_base_model(base_model)
         spec = lora_spec(lora)
+        session_id = validate.optional_string(session_id, "session_id")
+        model_seq_id = validate.optional_integer(model_seq_id, "model_seq_id")
+        user_metadata = validate.metadata(user_metadata)
         if session_id is None:
             session_id = self.registry.create_session(owner, tags=["native"])
         else:
             self.registry.session(session_id, owner)
         if model_seq_id is None:
             model_seq_id = int(self.registry.redis.hincrby(f"tb:session:{session_id}:counters", "model_seq_id", 1)) - 1
-        model_id = f"{session_id}:train:{int(model_seq_id)}"
+        model_id = f"{session_id}:train:{model_seq_id}"
         worker = self.registry.pick_worker(base_model)
         if worker is None:
             raise UserError("no live worker: start one with `python -m tasks.worker --device cpu` (or cuda:N)")
         request_id = str(uuid.uuid4())
         if not self.registry.create_model(model_id, owner, session_id, base_model, asdict(spec), worker, user_metadata):
             existing = self.registry.model(model_id, owner)
-            if existing.get("create_request_id") and existing["base_model"] == base_model and existing["lora"] == asdict(spec):
+            if (
+                existing.get("create_request_id")
+                and existing["base_model"] == base_model
+                and existing["lora"] == asdict(spec)
+            ):
                 return model_id, existing["create_request_id"]  # a re-sent create (lost response): same future
             raise UserError(f"model_seq_id: model {model_id} already exists in this session")
         self.registry.update_model(model_id, create_request_id=request_id)
-        kwargs = {"model_id": model_id, "base_model": base_model, "lora": asdict(spec), "load_path": (load or {}).get("dir"), "with_optimizer": bool((load or {}).get("with_optimizer"))}
-        self.publish(owner, "create_model", model_id, "tinkerbell.create_adapter", kwargs, worker_queue(worker), request_id, {"model_id": model_id, "base_model": base_model, "rank": spec.rank})
+        kwargs = {
+            "model_id": model_id,
+            "base_model": base_model,
+            "lora": asdict(spec),
+            "load_path": (load or {}).get("dir"),
+            "with_optimizer": bool((load or {}).get("with_optimizer")),
+        }
+        self.publish(
+            owner,
+            "create_model",
+            model_id,
+            "tinkerbell.create_adapter",
+            kwargs,
+            worker_queue(worker),
+            request_id,
+            {"model_id": model_id, "base_model": base_model, "rank": spec.rank},
+        )
         return model_id, request_id
 
     def remove_model(self, owner: str, model_id: str) -> str:
-        return self.submit_ordered(owner, model_id, None, "tinkerbell.remove_adapter", {"model_id": model_id}, "remove_model", {"model_id": model_id})
+        return self.submit_ordered(
+            owner,
+            model_id,
+            None,
+            "tinkerbell.remove_adapter",
+            {"model_id": model_id},
+            "remove_model",
+            {"model_id": model_id},
+        )
 
     # ---- training -------------------------------------------------------------------------
-    def forward_backward(self, owner: str, model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str, loss_fn_config: dict[str, Any], forward_only: bool) -> str:
-        """data: wire datums (core.wire.encode_datum), already validated for shape by the caller."""
+    def forward_backward(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        data: list[dict[str, Any]],
+        loss_fn: str,
+        loss_fn_config: dict[str, Any],
+        forward_only: bool,
+    ) -> str:
+        """data: wire datums (core.wire.encode_datum), checked by the caller (api.datums.check_datum)."""
         if not data:
             raise UserError("data: empty batch; send at least one datum")
         if not isinstance(loss_fn, str) or not loss_fn:
             raise UserError("loss_fn: must be a loss name")
+        loss_fn_config = validate.plain(validate.mapping(loss_fn_config, "loss_fn_config"), "loss_fn_config")
+        forward_only = validate.boolean(forward_only, "forward_only")
         custom_loss = None
         if loss_fn == "custom" or not self.is_builtin_loss(loss_fn):
             name = custom_loss_name(loss_fn, loss_fn_config)
             _model, catalog, builtin, custom_meta = self.registry.model_and_loss(model_id, owner, name)
             custom_loss = resolve_custom_loss(self.settings, owner, loss_fn, name, builtin, custom_meta)
-            if custom_loss is None and catalog and not builtin:  # before a worker published the catalog, the worker decides
+            if (
+                custom_loss is None and catalog and not builtin
+            ):  # before a worker published the catalog, the worker decides
                 raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
-        kwargs = {"model_id": model_id, "data": data, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config, "forward_only": forward_only}
+        kwargs = {
+            "model_id": model_id,
+            "data": data,
+            "loss_fn": loss_fn,
+            "loss_fn_config": loss_fn_config,
+            "forward_only": forward_only,
+        }
         if custom_loss is not None:
-            kwargs["custom_loss"] = custom_loss  # the version current now, so re-registering changes later requests only
+            kwargs["custom_loss"] = (
+                custom_loss  # the version current now, so re-registering changes later requests only
+            )
         kind = "forward" if forward_only else "forward_backward"
-        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.forward_backward", kwargs, kind, {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only})
+        return self.submit_ordered(
+            owner,
+            model_id,
+            seq_id,
+            "tinkerbell.forward_backward",
+            kwargs,
+            kind,
+            {"model_id": model_id, "loss_fn": loss_fn, "batch": shape, "forward_only": forward_only},
+        )
 
     def optim_step(self, owner: str, model_id: str, seq_id: int | None, adam_params: dict[str, Any] | None) -> str:
         spec = adam_spec(adam_params)
         kwargs = {"model_id": model_id, "adam_params": asdict(spec)}
-        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.optim_step", kwargs, "optim_step", {"model_id": model_id, "lr": spec.learning_rate})
+        return self.submit_ordered(
+            owner,
+            model_id,
+            seq_id,
+            "tinkerbell.optim_step",
+            kwargs,
+            "optim_step",
+            {"model_id": model_id, "lr": spec.learning_rate},
+        )
 
-    def save_state(self, owner: str, model_id: str, seq_id: int | None, name: str | None, kind: str, ttl_seconds: int | None = None, sampler_id: str | None = None) -> str:
+    def save_state(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int | None,
+        name: str | None,
+        kind: str,
+        ttl_seconds: int | None = None,
+        sampler_id: str | None = None,
+    ) -> str:
         if name is None:
             name = f"{kind}-{int(time.time() * 1000)}"
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise UserError(f"path: checkpoint name {name!r} must be 1-128 of letters, digits, '.', '_' or '-'")
-        if ttl_seconds is not None and (not isinstance(ttl_seconds, int) or ttl_seconds <= 0):
-            raise UserError("ttl_seconds: must be a positive integer")
-        kwargs = {"model_id": model_id, "name": name, "kind": kind, "ttl_seconds": ttl_seconds, "sampler_id": sampler_id}
-        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.save_state", kwargs, f"save_{kind}", {"model_id": model_id, "name": name, "kind": kind})
+            raise UserError(
+                f"path: checkpoint name {name!r:.80} must be 1-128 of letters, digits, '.', '_' or '-' "
+                "(a name, not a tinker:// path)"
+            )
+        ttl_seconds = validate.ttl_seconds(ttl_seconds)
+        kwargs = {
+            "model_id": model_id,
+            "name": name,
+            "kind": kind,
+            "ttl_seconds": ttl_seconds,
+            "sampler_id": sampler_id,
+        }
+        return self.submit_ordered(
+            owner,
+            model_id,
+            seq_id,
+            "tinkerbell.save_state",
+            kwargs,
+            f"save_{kind}",
+            {"model_id": model_id, "name": name, "kind": kind},
+        )
 
     def resolve_checkpoint(self, owner: str, path: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> dict[str, Any]:
-        """tinker://<model_id>/<kind>/<name> -> the checkpoint record; other keys' checkpoints are NotFound unless public."""
+        """tinker://<model_id>/<kind>/<name> -> the checkpoint record; other keys' checkpoints are NotFound unless
+        public."""
         if not isinstance(path, str) or not path.startswith("tinker://"):
             raise UserError(f"path: must look like tinker://<model_id>/<weights|sampler_weights>/<name>, got {path!r}")
         parts = path[len("tinker://") :].split("/")
@@ -231,24 +313,83 @@ class Service:
         return checkpoint
 
     def load_state(self, owner: str, model_id: str, seq_id: int | None, path: str, with_optimizer: bool) -> str:
+        with_optimizer = validate.boolean(with_optimizer, "optimizer")
         checkpoint = self.resolve_checkpoint(owner, path, ("weights",) if with_optimizer else CHECKPOINT_KINDS)
         kwargs = {"model_id": model_id, "directory": checkpoint["dir"], "with_optimizer": with_optimizer, "path": path}
-        return self.submit_ordered(owner, model_id, seq_id, "tinkerbell.load_state", kwargs, "load_weights", {"model_id": model_id, "path": path})
+        return self.submit_ordered(
+            owner,
+            model_id,
+            seq_id,
+            "tinkerbell.load_state",
+            kwargs,
+            "load_weights",
+            {"model_id": model_id, "path": path},
+        )
 
-    def create_model_from_checkpoint(self, owner: str, session_id: str, model_seq_id: int | None, path: str, with_optimizer: bool, user_metadata: dict | None = None) -> tuple[str, str]:
+    def create_model_from_checkpoint(
+        self,
+        owner: str,
+        session_id: str,
+        model_seq_id: int | None,
+        path: str,
+        with_optimizer: bool,
+        user_metadata: dict | None = None,
+    ) -> tuple[str, str]:
+        with_optimizer = validate.boolean(with_optimizer, "optimizer")
         checkpoint = self.resolve_checkpoint(owner, path, ("weights",) if with_optimizer else CHECKPOINT_KINDS)
-        return self.create_model(owner, session_id, model_seq_id, checkpoint["base_model"], checkpoint["lora"], user_metadata, load={"dir": checkpoint["dir"], "with_optimizer": with_optimizer})
+        return self.create_model(
+            owner,
+            session_id,
+            model_seq_id,
+            checkpoint["base_model"],
+            checkpoint["lora"],
+            user_metadata,
+            load={"dir": checkpoint["dir"], "with_optimizer": with_optimizer},
+        )
 
     # ---- sampling -------------------------------------------------------------------------
-    def sample(self, owner: str, base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sampling_params: dict[str, Any] | None, num_samples: int, prompt_logprobs: bool, topk_prompt_logprobs: int) -> str:
+    def sample(
+        self,
+        owner: str,
+        base_model: str,
+        adapter_dir: str | None,
+        prompt: dict[str, Any],
+        sampling_params: dict[str, Any] | None,
+        num_samples: int,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int | None,
+    ) -> str:
+        """prompt: a wire array of token ids, checked by the caller (api.datums.check_tokens)."""
         spec = sampling_spec(sampling_params)
-        if not isinstance(num_samples, int) or not 1 <= num_samples <= 1024:
-            raise UserError(f"num_samples: must be an integer in 1..1024, got {num_samples!r}")
-        if not prompt["shape"] or prompt["shape"][0] == 0:
-            raise UserError("prompt: empty prompt")
+        num_samples = validate.integer(num_samples, "num_samples", 1, MAX_SAMPLES)
+        prompt_logprobs = validate.boolean(prompt_logprobs, "prompt_logprobs")
+        topk = validate.optional_integer(topk_prompt_logprobs, "topk_prompt_logprobs", 0, MAX_TOPK) or 0
         request_id = str(uuid.uuid4())
-        kwargs = {"base_model": base_model, "adapter_dir": adapter_dir, "prompt": prompt, "sampling_params": asdict(spec), "num_samples": num_samples, "prompt_logprobs": bool(prompt_logprobs), "topk_prompt_logprobs": int(topk_prompt_logprobs or 0)}
-        self.publish(owner, "sample", None, "tinkerbell.sample", kwargs, sample_queue(base_model), request_id, {"base_model": base_model, "adapter": adapter_dir is not None, "prompt_len": prompt["shape"][0], "num_samples": num_samples, "max_tokens": spec.max_tokens})
+        kwargs = {
+            "base_model": base_model,
+            "adapter_dir": adapter_dir,
+            "prompt": prompt,
+            "sampling_params": asdict(spec),
+            "num_samples": num_samples,
+            "prompt_logprobs": prompt_logprobs,
+            "topk_prompt_logprobs": topk,
+        }
+        self.publish(
+            owner,
+            "sample",
+            None,
+            "tinkerbell.sample",
+            kwargs,
+            sample_queue(base_model),
+            request_id,
+            {
+                "base_model": base_model,
+                "adapter": adapter_dir is not None,
+                "prompt_len": prompt["shape"][0],
+                "num_samples": num_samples,
+                "max_tokens": spec.max_tokens,
+            },
+        )
         return request_id
 
     def sampler_target(self, owner: str, base_model: str | None, model_path: str | None) -> tuple[str, str | None]:

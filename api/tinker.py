@@ -1,7 +1,8 @@
 """The Tinker face: `/api/v1/...` as the official `tinker` SDK 0.38 speaks it (JSON, plus protobuf for fwd/bwd).
 
 Each route translates the SDK's request into the same Service call the native face makes (one code path);
-REST listing and checkpoint downloads live in api.tinker_rest. See the wire notes in README.md, "Use it with the Tinker SDK".
+REST listing and checkpoint downloads live in api.tinker_rest. See the wire notes in README.md,
+"Use it with the Tinker SDK".
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from api import proto
-from api.futures import PENDING, error_body
+from api import proto, validate
 from api.jsonwire import result_json
-from api.native import body, required, service
-from api.service import NAME_RE
+from api.native import body, poll_answer, required, service
 from api.tinker_rest import rest_bp
 from core.errors import UserError
 from core.registry import P, Registry
@@ -47,20 +46,13 @@ def registry() -> Registry:
     return current_app.config["REGISTRY"]
 
 
-def _int(payload: dict[str, Any], name: str, minimum: int = 0, optional: bool = False) -> int | None:
-    value = payload.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UserError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return value
+def _int(payload: dict[str, Any], name: str) -> int:
+    """A required non-negative integer field (model_seq_id, sampling_session_seq_id)."""
+    return validate.integer(payload.get(name), name)
 
 
-def _metadata(payload: dict[str, Any]) -> dict[str, str] | None:
-    value = payload.get("user_metadata")
-    if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
-        raise UserError("user_metadata: must be an object of strings")
-    return value
+def _seq_id(payload: dict[str, Any]) -> int | None:
+    return validate.seq_id(payload.get("seq_id"))
 
 
 def _check_optimizer(config: Any) -> None:
@@ -77,6 +69,14 @@ def _refusal_uses_seq(model_id: Any, seq_id: int | None) -> Iterator[None]:
         if isinstance(model_id, str) and seq_id is not None:
             service().skip_seq(g.owner, model_id, seq_id)
         raise
+
+
+@contextmanager
+def _ordered(payload: dict[str, Any]) -> Iterator[tuple[str, int | None]]:
+    """(model_id, seq_id) of a JSON request that touches a model, for a block whose refusal uses up the seq_id."""
+    model_id, seq_id = required(payload, "model_id"), _seq_id(payload)
+    with _refusal_uses_seq(model_id, seq_id):
+        yield model_id, seq_id
 
 
 def _future(request_id: str, model_id: str | None = None, **extra: Any) -> Response:
@@ -105,7 +105,8 @@ def create_session():
     tags = payload.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise UserError("tags: must be a list of strings")
-    session_id = registry().create_session(g.owner, tags=tags, user_metadata=_metadata(payload))
+    metadata = validate.metadata(payload.get("user_metadata"))
+    session_id = registry().create_session(g.owner, tags=tags, user_metadata=metadata)
     extra = {k: payload[k] for k in ("sdk_version", "project_id", "display_name") if isinstance(payload.get(k), str)}
     if extra:
         registry().touch_session(session_id, g.owner, **extra)
@@ -145,7 +146,12 @@ def create_model():
     payload = body()
     _check_optimizer(payload.get("optimizer_config"))
     model_id, request_id = service().create_model(
-        g.owner, required(payload, "session_id"), _int(payload, "model_seq_id"), payload.get("base_model"), payload.get("lora_config") or {}, _metadata(payload)
+        g.owner,
+        required(payload, "session_id"),
+        _int(payload, "model_seq_id"),
+        payload.get("base_model"),
+        payload.get("lora_config"),
+        payload.get("user_metadata"),
     )
     return _future(request_id, model_id)
 
@@ -158,7 +164,8 @@ def get_info():
     return jsonify(
         type="get_info",
         model_id=model_id,
-        # tokenizer_id = the hub name: the SDK loads it from the local HF cache (`python -m backends.models install-tokenizer`).
+        # tokenizer_id = the hub name: the SDK loads it from the local HF cache
+        # (`python -m backends.models install-tokenizer`).
         model_data={"arch": "lora", "model_name": base_model, "tokenizer_id": base_model},
         is_lora=True,
         lora_rank=model["lora"]["rank"],
@@ -174,36 +181,41 @@ def forward_backward():
         return _forward_backward_json(body())
     raw = proto.decompress(request.get_data(cache=False), request.headers.get("Content-Encoding"))
     msg = proto.parse_forward_backward(raw)
-    if msg.seq_id < 1:
-        raise UserError(f"seq_id: must be a positive integer, got {msg.seq_id}")
-    with _refusal_uses_seq(msg.model_id, msg.seq_id):
+    seq_id = validate.seq_id(msg.seq_id)
+    with _refusal_uses_seq(msg.model_id, seq_id):
         data = proto.wire_datums(msg)
-        request_id = service().forward_backward(g.owner, msg.model_id, msg.seq_id, data, msg.loss_fn or "cross_entropy", proto.loss_config(msg), msg.forward_only)
+        request_id = service().forward_backward(
+            g.owner,
+            msg.model_id,
+            seq_id,
+            data,
+            msg.loss_fn or "cross_entropy",
+            proto.loss_config(msg),
+            msg.forward_only,
+        )
     return _future(request_id, msg.model_id)
 
 
 def _forward_backward_json(payload: dict[str, Any]) -> Response:
-    """The SDK's JSON ForwardBackwardRequest shape {model_id, seq_id, forward_backward_input:{data, loss_fn, loss_fn_config}}."""
+    """The SDK's JSON ForwardBackwardRequest shape
+    {model_id, seq_id, forward_backward_input: {data, loss_fn, loss_fn_config}}."""
     from api.jsonwire import datums_from_json
 
-    model_id = required(payload, "model_id")
-    inputs = payload.get("forward_backward_input") or payload
-    config = inputs.get("loss_fn_config") or {}
-    seq_id = _int(payload, "seq_id", 1, optional=True)
-    with _refusal_uses_seq(model_id, seq_id):
-        if not isinstance(config, dict):
-            raise UserError("loss_fn_config: must be an object")
+    with _ordered(payload) as (model_id, seq_id):
+        inputs = validate.mapping(payload.get("forward_backward_input"), "forward_backward_input") or payload
         data = datums_from_json(inputs.get("data"))
-        request_id = service().forward_backward(g.owner, model_id, seq_id, data, inputs.get("loss_fn", "cross_entropy"), config, bool(payload.get("forward_only")))
+        loss_fn = inputs.get("loss_fn", "cross_entropy")
+        forward_only = validate.boolean(payload.get("forward_only"), "forward_only")
+        request_id = service().forward_backward(
+            g.owner, model_id, seq_id, data, loss_fn, inputs.get("loss_fn_config"), forward_only
+        )
     return _future(request_id, model_id)
 
 
 @bp.post("/optim_step")
 def optim_step():
     payload = body()
-    model_id = required(payload, "model_id")
-    seq_id = _int(payload, "seq_id", 1, optional=True)
-    with _refusal_uses_seq(model_id, seq_id):
+    with _ordered(payload) as (model_id, seq_id):
         params = payload.get("optimizer_params")
         if params is not None and (not isinstance(params, dict) or params.get("type", "adamw") != "adamw"):
             raise UserError(f"optimizer_params: only AdamW (adam_params) is supported, got {params!r}")
@@ -211,24 +223,13 @@ def optim_step():
     return _future(request_id, model_id)
 
 
-def _name(payload: dict[str, Any]) -> str | None:
-    name = payload.get("path")
-    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
-        raise UserError(f"path: checkpoint name {name!r} must be 1-128 of letters, digits, '.', '_' or '-' (a name, not a tinker:// path)")
-    return name
-
-
-def _ttl(payload: dict[str, Any]) -> int | None:
-    return _int(payload, "ttl_seconds", 1, optional=True)
-
-
 @bp.post("/save_weights")
 def save_weights():
     payload = body()
-    model_id = required(payload, "model_id")
-    seq_id = _int(payload, "seq_id", 1, optional=True)
-    with _refusal_uses_seq(model_id, seq_id):
-        request_id = service().save_state(g.owner, model_id, seq_id, _name(payload), "weights", _ttl(payload))
+    with _ordered(payload) as (model_id, seq_id):
+        request_id = service().save_state(
+            g.owner, model_id, seq_id, payload.get("path"), "weights", payload.get("ttl_seconds")
+        )
     return _future(request_id, model_id)
 
 
@@ -236,30 +237,30 @@ def save_weights():
 def save_weights_for_sampler():
     """Named ({path}) → tinker://…/sampler_weights/<name>; ephemeral ({sampling_session_seq_id}) → a sampler id."""
     payload = body()
-    model_id = required(payload, "model_id")
-    seq_id = _int(payload, "seq_id", 1, optional=True)
-    with _refusal_uses_seq(model_id, seq_id):
-        name = _name(payload)
+    with _ordered(payload) as (model_id, seq_id):
+        name = payload.get("path")
         sampler_id = None
         if name is None:
-            sampling_seq = _int(payload, "sampling_session_seq_id", optional=True)
-            if sampling_seq is None:
+            if payload.get("sampling_session_seq_id") is None:
                 raise UserError("path: give a checkpoint name, or sampling_session_seq_id for an ephemeral sampler")
+            sampling_seq = _int(payload, "sampling_session_seq_id")
             model = registry().model(model_id, g.owner)
             sampler_id = f"{model['session_id']}:sample:{sampling_seq}"
-        request_id = service().save_state(g.owner, model_id, seq_id, name, "sampler_weights", _ttl(payload), sampler_id=sampler_id)
+        request_id = service().save_state(
+            g.owner, model_id, seq_id, name, "sampler_weights", payload.get("ttl_seconds"), sampler_id=sampler_id
+        )
     return _future(request_id, model_id)
 
 
 @bp.post("/save_weights_external")
 def save_weights_external():
     payload = body()
-    model_id = required(payload, "model_id")
-    seq_id = _int(payload, "seq_id", 1, optional=True)
-    with _refusal_uses_seq(model_id, seq_id):
+    with _ordered(payload) as (model_id, seq_id):
         if payload.get("age_encryption_recipients"):
             raise UserError("age_encryption_recipients: encrypted exports are not supported")
-        request_id = service().save_state(g.owner, model_id, seq_id, _name(payload), "external_weights", _ttl(payload))
+        request_id = service().save_state(
+            g.owner, model_id, seq_id, payload.get("path"), "external_weights", payload.get("ttl_seconds")
+        )
     return _future(request_id, model_id)
 
 
@@ -268,11 +269,9 @@ def load_weights():
     """Create-via-load {session_id, model_seq_id, path, optimizer} (a new model), or legacy {model_id, seq_id, path}."""
     payload = body()
     path = required(payload, "path")
-    with_optimizer = bool(payload.get("optimizer", False))
+    with_optimizer = validate.boolean(payload.get("optimizer"), "optimizer")
     if payload.get("model_id") is not None:
-        model_id = payload["model_id"]
-        seq_id = _int(payload, "seq_id", 1, optional=True)
-        with _refusal_uses_seq(model_id, seq_id):
+        with _ordered(payload) as (model_id, seq_id):
             request_id = service().load_state(g.owner, model_id, seq_id, path, with_optimizer)
         return _future(request_id, model_id)
     _check_optimizer(payload.get("optimizer_config"))
@@ -280,7 +279,10 @@ def load_weights():
     base_model = payload.get("base_model")
     if base_model is not None and base_model != checkpoint["base_model"]:
         raise UserError(f"base_model: {path} was trained on {checkpoint['base_model']!r}, not {base_model!r}")
-    model_id, request_id = service().create_model_from_checkpoint(g.owner, required(payload, "session_id"), _int(payload, "model_seq_id"), path, with_optimizer, _metadata(payload))
+    session_id, model_seq_id = required(payload, "session_id"), _int(payload, "model_seq_id")
+    model_id, request_id = service().create_model_from_checkpoint(
+        g.owner, session_id, model_seq_id, path, with_optimizer, payload.get("user_metadata")
+    )
     return _future(request_id, model_id)
 
 
@@ -305,9 +307,9 @@ def create_sampling_session():
     payload = body()
     session_id = required(payload, "session_id")
     seq = _int(payload, "sampling_session_seq_id")
+    model_path = validate.optional_string(payload.get("model_path"), "model_path")
     registry().session(session_id, g.owner)
     sampler_id = f"{session_id}:sample:{seq}"
-    model_path = payload.get("model_path")
     base_model, adapter_dir = service().sampler_target(g.owner, payload.get("base_model"), model_path)
     if registry().redis.exists(f"{P}sampler:{sampler_id}"):
         registry().sampler(sampler_id, g.owner)  # a re-send answers the same id; another key's is NotFound
@@ -329,12 +331,9 @@ def retrieve_future():
     payload = body()
     request_id = required(payload, "request_id")
     future = registry().future(request_id, g.owner)
-    outcome = service().poll(future, request_id, current_app.config["SETTINGS"].poll_timeout_s)
-    if outcome is PENDING:
-        return jsonify(type="try_again", request_id=request_id, queue_state="active")
-    state, result = outcome
-    if state != "SUCCESS":
-        return jsonify(error_body(result))
+    waiting, result = poll_answer(future, request_id, current_app.config["SETTINGS"].poll_timeout_s)
+    if waiting is not None:
+        return waiting
     kind = future["kind"]
     if kind in PROTO_KINDS and proto.PROTO_CONTENT_TYPE in request.headers.get("Accept", ""):
         data = proto.sample_response(result) if kind == "sample" else proto.forward_backward_output(result)

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file
 
+from api import validate
 from api.auth import public
 from core.errors import NotFound, UserError
 from core.registry import Registry
@@ -25,6 +26,7 @@ from core.registry import Registry
 rest_bp = Blueprint("tinker_rest", __name__)
 
 DOWNLOAD_TTL_S = 3600
+MAX_PAGE = 1000  # items per listing page; limit=0 asks for this many
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
@@ -60,9 +62,9 @@ def _page() -> tuple[int, int]:
         offset = int(request.args.get("offset", 0))
     except ValueError:
         raise UserError("limit/offset: must be integers") from None
-    if limit < 0 or offset < 0:
-        raise UserError("limit/offset: must not be negative")
-    return limit or 1000, offset
+    if not (0 <= limit <= MAX_PAGE and 0 <= offset <= validate.INT32_MAX):
+        raise UserError(f"limit/offset: limit must be in 0..{MAX_PAGE} and offset in 0..{validate.INT32_MAX}")
+    return limit or MAX_PAGE, offset
 
 
 def _training_run(model_id: str) -> dict[str, Any]:
@@ -123,7 +125,9 @@ def owned_checkpoint(run_id: str, checkpoint_id: str) -> dict[str, Any]:
     registry().model(run_id, g.owner)
     kind = checkpoint_id.split("/", 1)[0]
     if kind not in CHECKPOINT_TYPES or "/" not in checkpoint_id:
-        raise UserError(f"checkpoint_id: must look like <weights|sampler_weights|external_weights>/<name>, got {checkpoint_id!r}")
+        raise UserError(
+            f"checkpoint_id: must look like <weights|sampler_weights|external_weights>/<name>, got {checkpoint_id!r}"
+        )
     record = registry().checkpoint(run_id, checkpoint_id)
     if record is None or (record.get("expires_at") and record["expires_at"] <= time.time()):
         raise NotFound(f"checkpoint_id: no checkpoint {checkpoint_id} in training run {run_id}")
@@ -143,7 +147,9 @@ def delete_checkpoint(run_id: str, checkpoint_id: str):
 
 @rest_bp.route("/training_runs/<run_id>/checkpoints/<path:checkpoint_id>/publish", methods=["POST", "DELETE"])
 def publish_checkpoint(run_id: str, checkpoint_id: str):
-    if "/" not in checkpoint_id and request.method == "DELETE":  # DELETE …/checkpoints/weights/publish: a checkpoint named "publish"
+    if (
+        "/" not in checkpoint_id and request.method == "DELETE"
+    ):  # DELETE …/checkpoints/weights/publish: a checkpoint named "publish"
         return delete_checkpoint(run_id, f"{checkpoint_id}/publish")
     record = owned_checkpoint(run_id, checkpoint_id)
     record["public"] = request.method == "POST"
@@ -155,9 +161,7 @@ def publish_checkpoint(run_id: str, checkpoint_id: str):
 def set_checkpoint_ttl(run_id: str, checkpoint_id: str):
     record = owned_checkpoint(run_id, checkpoint_id)
     payload = request.get_json(force=True, silent=True)
-    ttl = payload.get("ttl_seconds") if isinstance(payload, dict) else None
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
-        raise UserError(f"ttl_seconds: must be a positive integer or null, got {ttl!r}")
+    ttl = validate.ttl_seconds(payload.get("ttl_seconds") if isinstance(payload, dict) else None)
     record["expires_at"] = time.time() + ttl if ttl else None
     registry().add_checkpoint(run_id, record)
     return jsonify(checkpoint_json(record))
@@ -184,7 +188,10 @@ def external_weights_urls(run_id: str, checkpoint_id: str):
     """{urls: {relpath: signed url}, expires}; each url is a plain GET on this API, valid DOWNLOAD_TTL_S."""
     record = owned_checkpoint(run_id, checkpoint_id)
     if record["checkpoint_type"] == "sampler":
-        raise UserError(f"checkpoint_id: sampler checkpoints cannot be downloaded; save with save_weights_external ({checkpoint_id})")
+        raise UserError(
+            "checkpoint_id: sampler checkpoints cannot be downloaded; "
+            f"save with save_weights_external ({checkpoint_id})"
+        )
     directory = Path(record["dir"])
     if not directory.is_dir():
         raise NotFound(f"checkpoint_id: {checkpoint_id} has no files (was it deleted?)")
@@ -193,7 +200,9 @@ def external_weights_urls(run_id: str, checkpoint_id: str):
     urls = {}
     for relpath in _files(directory):
         target = f"{run_id}/{checkpoint_id}/{relpath}"
-        urls[relpath] = f"{base}/api/v1/download/{quote(target, safe='/:')}?expires={expires}&sig={_signature(target, expires)}"
+        urls[relpath] = (
+            f"{base}/api/v1/download/{quote(target, safe='/:')}?expires={expires}&sig={_signature(target, expires)}"
+        )
     return jsonify(urls=urls, expires=iso(expires))
 
 
@@ -207,7 +216,9 @@ def download(target: str):
         expires = 0
     signature = request.args.get("sig", "")
     if expires < time.time() or not hmac.compare_digest(signature, _signature(target, expires)):
-        return jsonify(error="download link is invalid or has expired; ask for new external_weights_urls", category="user"), 403
+        return jsonify(
+            error="download link is invalid or has expired; ask for new external_weights_urls", category="user"
+        ), 403
     parts = target.split("/", 3)
     if len(parts) != 4:
         raise NotFound("download: no such file")

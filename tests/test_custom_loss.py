@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from client import (
     AuthError,
+    Future,
     LossFnOutput,
     NotFoundError,
     TinkerbellClient,
@@ -179,17 +180,19 @@ def test_a_helper_and_a_closure_travel_to_a_worker_that_never_saw_the_client(ali
 
 
 def test_reregistering_changes_the_next_request_not_one_already_queued(alice):
-    alice.register_custom_loss(sleeps(1.0), name="busy")
     first = alice.register_custom_loss(versioned(1.0), name="versioned")
     model_id = alice.add_lora(rank=4, seed=5).result(120)["model_id"]
     batch = dpo_batch([121])
-    busy = alice.forward_backward(model_id, batch, loss_fn="busy")  # keeps the adapter's worker busy for 1 s
+    # A seq_id taken now and sent last: every request after it is admitted but held in seq_id order until it comes,
+    # so `queued` is certainly waiting (not yet run) when the loss is re-registered.
+    gap = alice._next_seq(model_id)
     queued = alice.forward_backward(model_id, batch, loss_fn="versioned")
     second = alice.register_custom_loss(versioned(2.0), name="versioned")
     assert alice._post("/retrieve_future", {"request_id": queued.request_id, "timeout": 0})["type"] == "try_again"
     after = alice.forward_backward(model_id, batch, loss_fn="versioned")
     assert (first["version"], second["version"]) == (1, 2) and first["hash"] != second["hash"]
-    busy.result(60)
+    filler = alice._post("/fwdbwd", {"model_id": model_id, "seq_id": gap, "data": batch, "loss_fn": "cross_entropy"})
+    Future(alice, filler["request_id"]).result(60)
     assert queued.result(60)["metrics"]["version:mean"] == 1.0
     assert after.result(60)["metrics"]["version:mean"] == 2.0
     assert alice.register_custom_loss(versioned(2.0), name="versioned")["unchanged"]  # same code: same version
@@ -251,13 +254,11 @@ def test_a_bad_loss_fails_clearly_and_leaves_the_adapter_untouched(alice, victim
     alice.register_custom_loss(fn, name=f"bad_{name}")
     batch = dpo_batch([141, 142])
     before = alice.forward(victim, batch).result(60)["loss_fn_outputs"]
-    started = time.monotonic()
-    with pytest.raises(UserInputError) as info:
+    with pytest.raises(UserInputError) as info:  # the limit's own message, not a stopwatch, shows it stopped the loss
         alice.forward_backward(victim, batch, loss_fn=f"bad_{name}").result(60)
     assert info.value.category == "user"
     for part in expected:
         assert part in str(info.value), str(info.value)
-    assert time.monotonic() - started < LIMIT_S + 10
     after = alice.forward(victim, batch).result(60)["loss_fn_outputs"]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(logprobs_of(b), logprobs_of(a))  # weights unchanged

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -119,15 +118,18 @@ def trained(stack: Stack, tb: TinkerbellClient, celery_control: Celery, flower: 
     batch = [datum(1), datum(2, 7)]
     tb.forward_backward(model_id, batch).result(120)
     tb.optim_step(model_id, **ADAM).result(120)
+    sampled = tb.sample(datum(4)["model_input"], max_tokens=4, temperature=0.0, stop=[]).result(120)  # stop=[]: 4 tokens
     after = scrape(stack)
-    return {"model_id": model_id, "before": before, "after": after, "tokens": sum(len(d["model_input"]) for d in batch), "queues": queues_after_create}
+    tokens = sum(len(d["model_input"]) for d in batch)
+    return {"model_id": model_id, "before": before, "after": after, "tokens": tokens, "queues": queues_after_create, "sampled": sum(len(s["tokens"]) for s in sampled["sequences"])}
 
 
 def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
     before, after, model_id = trained["before"], trained["after"], trained["model_id"]
     assert value(after, "tinkerbell_redis_up") == 1
     assert value(after, "tinkerbell_tokens_trained_total") - value(before, "tinkerbell_tokens_trained_total") == trained["tokens"]
-    assert value(after, "tinkerbell_tokens_sampled_total") >= 0  # present even before any sampling
+    assert trained["sampled"] > 0
+    assert value(after, "tinkerbell_tokens_sampled_total") - value(before, "tinkerbell_tokens_sampled_total") == trained["sampled"]
     for route in ("/add_lora", "/fwdbwd", "/optim_step"):
         assert value(after, "tinkerbell_http_requests_total", method="POST", route=route, status="200") >= value(before, "tinkerbell_http_requests_total", method="POST", route=route, status="200") + 1
         count = value(after, "tinkerbell_http_request_duration_seconds_count", method="POST", route=route)
@@ -204,10 +206,8 @@ def test_active_queues_drop_the_adapter_after_remove(stack: Stack, tb: Tinkerbel
     tb.remove_lora(trained["model_id"]).result(120)
     queue = f"adapter.{trained['model_id']}"
     assert queue not in active_queue_names(celery_control, "w0")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (("tinkerbell_queue_depth", (("kind", "adapter"), ("queue", queue)))) in scrape(stack):
-        time.sleep(0.5)
-    assert (("tinkerbell_queue_depth", (("kind", "adapter"), ("queue", queue)))) not in scrape(stack)
+    sample = ("tinkerbell_queue_depth", (("kind", "adapter"), ("queue", queue)))
+    wait_for(lambda: sample not in scrape(stack), 10, f"{queue} to leave /metrics")
 
 
 def test_metrics_agree_across_gunicorn_processes(stack: Stack, tmp_path: Path) -> None:
@@ -271,15 +271,7 @@ def test_status_shows_what_a_busy_worker_runs_where_inspect_active_cannot(stack:
     # Each task must outlast the 1 s heartbeat by a margin on a fast machine too: 16 sequences of 480 tokens
     # (one sequence took under half a second here, and the status then missed both tasks now and again).
     futures = [tb.sample(prompt, max_tokens=480, temperature=0.0, stop=[], num_samples=16) for _ in range(2)]
-    deadline = time.monotonic() + 30
-    seen: list[str] = []
-    while time.monotonic() < deadline and not any(r.startswith("sample for") for r in seen):
-        seen = running()
-        time.sleep(0.2)
-    assert any(r.startswith("sample for") for r in seen), seen
+    wait_for(lambda: any(r.startswith("sample for") for r in running()), 30, "the status page to show the running sample")
     for future in futures:
         future.result(120)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and running() != ["idle"]:
-        time.sleep(0.2)
-    assert running() == ["idle"]
+    wait_for(lambda: running() == ["idle"], 10, "the status page to show the worker idle")

@@ -1,0 +1,94 @@
+"""Arrays and datums as both faces decode them (JSON TensorData, protobuf Tensor): shapes, CSR, the checks api/
+can do without the model. The faces only unpack their wire format; everything from numpy arrays on is here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from core.errors import UserError
+from core.wire import encode_datum
+
+MAX_TENSOR_BYTES = 1 << 30  # a dense tensor larger than this is refused before it is allocated
+
+
+def shape_of(shape: Any, field: str, itemsize: int) -> list[int]:
+    """A tensor's shape: non-negative integers whose dense size stays under MAX_TENSOR_BYTES."""
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise UserError(f"{field}.shape: must be a list of non-negative integers, got {shape!r:.80}")
+    if math.prod(shape) * itemsize > MAX_TENSOR_BYTES:
+        raise UserError(f"{field}.shape: {list(shape)} is larger than {MAX_TENSOR_BYTES} bytes")
+    return list(shape)
+
+
+def dense(values: np.ndarray, shape: list[int] | None, field: str) -> np.ndarray:
+    """Dense values (flat) in `shape` (None: as they are)."""
+    if shape is None:
+        return values
+    shape = shape_of(shape, field, values.itemsize)
+    if math.prod(shape) != values.size:
+        raise UserError(f"{field}: {values.size} values do not fill shape {shape}")
+    return values.reshape(shape)
+
+
+def dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: Any, field: str) -> np.ndarray:
+    """A 2-D sparse CSR matrix (values, crow_indices, col_indices) as a dense array."""
+    shape = shape_of(shape, field, values.itemsize)
+    if len(shape) != 2:
+        raise UserError(f"{field}.shape: a sparse CSR tensor needs a 2-D shape, got {shape}")
+    rows, cols = shape
+    if crow.ndim != 1 or col.ndim != 1 or values.ndim != 1:
+        raise UserError(f"{field}: CSR values and indices must be flat lists")
+    if (
+        len(crow) != rows + 1
+        or crow[0] != 0
+        or crow[-1] != len(values)
+        or len(col) != len(values)
+        or (np.diff(crow) < 0).any()
+    ):
+        raise UserError(f"{field}: crow_indices/col_indices do not describe {len(values)} values in a {shape} matrix")
+    if len(col) and (col.min() < 0 or col.max() >= cols):
+        raise UserError(f"{field}.col_indices: outside 0..{cols - 1}")
+    out = np.zeros(shape, dtype=values.dtype)
+    out[np.repeat(np.arange(rows), np.diff(crow)), col] = values
+    return out
+
+
+def check_tokens(tokens: np.ndarray, field: str) -> None:
+    """A model input or prompt: a non-empty flat list of non-negative token ids (the vocabulary is the worker's)."""
+    if tokens.ndim != 1 or len(tokens) == 0:
+        raise UserError(f"{field}: must be a non-empty list of tokens")
+    if (tokens < 0).any():
+        raise UserError(f"{field}: token ids must not be negative")
+
+
+def check_datum(tokens: np.ndarray, inputs: dict[str, np.ndarray], index: int) -> None:
+    """Shape checks api/ can do without the model: every per-token input has the input's length."""
+    field = f"data[{index}]"
+    check_tokens(tokens, f"{field}.model_input")
+    for name, arr in inputs.items():
+        if arr.ndim == 0 or arr.shape[0] != len(tokens):
+            length = arr.shape[0] if arr.ndim else 0
+            raise UserError(
+                f"{field}.loss_fn_inputs.{name}: length {length} differs from model_input length {len(tokens)}"
+            )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise UserError(f"{field}.loss_fn_inputs.{name}: contains NaN or infinity")
+    target = inputs.get("target_tokens")
+    if target is not None and (target < 0).any():
+        raise UserError(f"{field}.loss_fn_inputs.target_tokens: token ids must not be negative")
+    weights = inputs.get("weights")
+    if target is not None and weights is not None and weights.shape != target.shape[: weights.ndim]:
+        shapes = f"{list(weights.shape)} does not match target_tokens {list(target.shape)}"
+        raise UserError(f"{field}.loss_fn_inputs.weights: shape {shapes}")
+
+
+def checked_datum(tokens: np.ndarray, inputs: dict[str, np.ndarray], index: int) -> dict[str, Any]:
+    """check_datum, then the datum as it travels to a worker (core.wire.encode_datum)."""
+    check_datum(tokens, inputs, index)
+    return encode_datum(tokens, inputs)
