@@ -1,6 +1,6 @@
-"""HF transformers + PEFT backends: the per-process base-model cache that training and sampling share.
+"""HF transformers backends: the per-process base-model cache that training and sampling share.
 
-One `LoadedBase` per (base model, device) holds the model and a PEFT `LoraModel` tuner with many named adapters.
+One `LoadedBase` per (base model, device, dtype) holds the model, its MultiLoraLinear layers and many named adapters.
 `HFTrainingBackend` (backends/hf_train.py) and `HFSamplingBackend` (backends/hf_sample.py) are re-exported here.
 """
 
@@ -12,11 +12,13 @@ import logging
 import os
 import secrets
 import threading
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from backends.multilora import Route, Routing, inject, matches, rows_route, tokens_route
 from core.errors import UserError
 from core.settings import Settings
 
@@ -30,7 +32,7 @@ __all__ = ["HFSamplingBackend", "HFTrainingBackend", "LoadedBase", "get_base", "
 
 log = logging.getLogger(__name__)
 
-_BASES: dict[tuple[str, str], LoadedBase] = {}
+_BASES: dict[tuple[str, str, str], LoadedBase] = {}
 _BASES_LOCK = threading.Lock()
 
 
@@ -100,18 +102,19 @@ def lora_targets(train_attn: bool, train_mlp: bool, train_unembed: bool) -> list
 
 
 class LoadedBase:
-    """A base model on one device plus its named LoRA adapters (training and sampler ones alike).
+    """A base model on one device, every target Linear wrapped once in a MultiLoraLinear, plus named adapters.
 
-    Only the active adapter takes part in a forward pass, so gradients reach only its LoRA parameters.
-    Callers hold `lock` around activate()+forward (Celery's solo pool is single-threaded anyway).
+    An adapter takes part in a forward only inside `routed(...)` / `routed_tokens(...)`, on its own rows, so gradients
+    reach only its LoRA parameters. Callers hold `lock` around routing + forward (one engine thread owns the device).
     """
 
     def __init__(self, name: str, path: str, model: torch.nn.Module, device: torch.device) -> None:
         self.name, self.path, self.model, self.device = name, path, model, device
+        self.dtype = next(model.parameters()).dtype
         self.lock = threading.RLock()
-        self.tuner: Any = None  # peft LoraModel, created with the first adapter
-        self._active: str | None = None
-        self._dirty = False  # adapter set changed since the last activate()
+        self.routing = Routing()
+        self.layers = inject(model, self.routing)  # module path -> MultiLoraLinear
+        self._params: dict[str, dict[str, torch.nn.Parameter]] = {}  # adapter name -> PEFT-keyed parameters
         self._counter = itertools.count()
         self._tokenizer: Any = None
         config = model.config
@@ -131,6 +134,10 @@ class LoadedBase:
         self.cache_kw = "cache" if "cache" in accepted else "past_key_values"
         self.has_logits_to_keep = "logits_to_keep" in accepted
 
+    def autocast(self) -> torch.autocast:
+        """bf16 base: matmuls (LoRA ones included) in bf16 under autocast; LoRA weights and their grads stay fp32."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
     def decode_step(self, input_ids: torch.Tensor, cache: Any = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """One cached forward: (n, T) ids -> ((n, T', V) logits, cache); T' = 1 with last_only (skips the rest)."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True}
@@ -138,7 +145,8 @@ class LoadedBase:
             kwargs[self.cache_kw] = cache
         if last_only and self.has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(**kwargs)
+        with self.autocast():
+            out = self.model(**kwargs)
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = getattr(out, "past_key_values", None)
@@ -153,76 +161,89 @@ class LoadedBase:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         return self._tokenizer
 
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def unique_name(self, prefix: str) -> str:
+        """An adapter name no other caller of this base holds (trainer and sampler share it)."""
+        return f"{prefix}{next(self._counter)}"
+
     def adapter_names(self) -> list[str]:
-        return sorted(self.tuner.peft_config) if self.tuner is not None else []
+        return sorted(self._params)
 
-    def new_adapter(self, config: LoraConfig, seed: int | None, prefix: str) -> str:
-        """Inject a fresh LoRA adapter; `seed` makes its initial weights reproducible. Returns its internal name."""
-        from peft import LoraModel
-
-        name = f"{prefix}{next(self._counter)}"
-        with self.lock, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tied lm_head / multiple-adapter advice
+    def add_adapter(
+        self, name: str, rank: int, alpha: float, targets: list[str], seed: int | None
+    ) -> dict[str, torch.nn.Parameter]:
+        """A fresh LoRA adapter on the target modules (PEFT's target_modules rule), initialised bit for bit as
+        `torch.manual_seed(seed); get_peft_model(...)` would. Returns its fp32 parameters keyed as in PEFT's
+        adapter_model.safetensors (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`)."""
+        if name in self._params:
+            raise ValueError(f"adapter {name!r} already exists on {self.name}")
+        chosen = [(path, layer) for path, layer in self.layers.items() if matches(path, targets)]
+        if not chosen:
+            raise ValueError(f"no module of {self.name} matches LoRA targets {targets}")
+        params: dict[str, torch.nn.Parameter] = {}
+        with self.lock, torch.random.fork_rng(devices=[]):
             # PEFT creates LoRA layers on the CPU, initializes them, then moves them to the base layer's device.
             torch.default_generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-            if self.tuner is None:
-                self.tuner = LoraModel(self.model, config, name)
-            else:
-                self.tuner.peft_config[name] = config
-                self.tuner.inject_adapter(self.model, name)
-            self.model.eval()
-            self._dirty = True
-        return name
+            for path, layer in chosen:
+                weights = layer.new_adapter(name, rank, alpha, self.device)
+                params[f"base_model.model.{path}.lora_A.weight"] = weights.lora_A
+                params[f"base_model.model.{path}.lora_B.weight"] = weights.lora_B
+            self._params[name] = params
+        return params
 
-    def delete_adapter(self, name: str) -> None:
-        with self.lock, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "adapter X was active ... setting active adapter to Y": we re-activate anyway
-            if self.tuner is None or name not in self.tuner.peft_config:
+    def remove_adapter(self, name: str) -> None:
+        """Drop the adapter from every layer (no-op if unknown)."""
+        with self.lock:
+            if self._params.pop(name, None) is None:
                 return
-            self.tuner.delete_adapter(name)
-            self._dirty = True
-            if not self.tuner.peft_config:  # last one gone: restore the plain modules (faster forward)
-                self.model = self.tuner.unload()
-                if hasattr(self.model, "peft_config"):
-                    del self.model.peft_config
-                self.tuner = None
-                self._active = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def activate(self, name: str | None, trainable: bool = False) -> None:
-        """Make `name` the only active adapter (None: plain base model)."""
-        if self.tuner is None:
-            if name is not None:
-                raise KeyError(name)
-            return
-        if name is None:
-            if self._active is not None or self._dirty:
-                self.tuner.disable_adapter_layers()
-        elif self._active != name or self._dirty:
-            self.tuner.enable_adapter_layers()
-            self.tuner.set_adapter(name, inference_mode=not trainable)
-        self._active, self._dirty = name, False
+            for layer in self.layers.values():
+                layer.adapters.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def adapter_params(self, name: str) -> dict[str, torch.nn.Parameter]:
-        """The adapter's LoRA parameters, keyed as in a PEFT adapter_model.safetensors (adapter name removed)."""
-        params: dict[str, torch.nn.Parameter] = {}
-        for path, module in self.model.named_modules():
-            for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-                container = getattr(module, kind, None)
-                if container is None or name not in container:
-                    continue
-                item = container[name]
-                if isinstance(item, torch.nn.Parameter):  # embedding LoRA stores bare parameters
-                    params[f"base_model.model.{path}.{kind}"] = item
-                else:
-                    params[f"base_model.model.{path}.{kind}.weight"] = item.weight
-        return params
+        """The adapter's LoRA parameters, keyed as in a PEFT adapter_model.safetensors."""
+        return dict(self._params[name])
+
+    # ---- routing --------------------------------------------------------------------------------------------
+    @contextmanager
+    def routed(self, rows: list[str | None]) -> Iterator[None]:
+        """Forwards inside use adapter rows[i] on batch row i of their (B, T) input (B == len(rows)); None = base."""
+        with self._route(rows_route(self._known(rows), self.device)):
+            yield
+
+    @contextmanager
+    def routed_tokens(self, segments: list[tuple[str | None, int, int]]) -> Iterator[None]:
+        """Forwards inside use adapter `name` on flattened (B*T) positions [start, end) of each segment; unlisted
+        positions get the base model only. For packed training rows."""
+        self._known([name for name, _, _ in segments])
+        with self._route(tokens_route(segments, self.device)):
+            yield
+
+    def _known(self, names: list[str | None]) -> list[str | None]:
+        unknown = sorted({n for n in names if n is not None and n not in self._params})
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown} on {self.name}")
+        return names
+
+    @contextmanager
+    def _route(self, route: Route) -> Iterator[None]:
+        previous, self.routing.route = self.routing.route, route
+        try:
+            yield
+        finally:
+            self.routing.route = previous
+
+
+def settings_dtype(settings: Settings, dtype: torch.dtype | None = None) -> torch.dtype:
+    """Base-model weights dtype: an explicit `dtype`, else settings.torch_dtype_name (fp32 on CPU, bf16 on CUDA)."""
+    return dtype or getattr(torch, settings.torch_dtype_name)
 
 
 def get_base(name: str, settings: Settings, device: torch.device, dtype: torch.dtype | None = None) -> LoadedBase:
-    """The process-wide LoadedBase for (name, device), loading it on first use (float32 unless dtype says)."""
-    key = (name, str(device))
+    """The process-wide LoadedBase for (name, device, dtype), loading it on first use (dtype: see settings_dtype)."""
+    dtype = settings_dtype(settings, dtype)
+    key = (name, str(device), str(dtype))
     with _BASES_LOCK:
         base = _BASES.get(key)
         if base is not None:
@@ -235,17 +256,17 @@ def get_base(name: str, settings: Settings, device: torch.device, dtype: torch.d
         if path is None:
             raise UserError(f"base_model: unknown model {name!r} (not in TINKERBELL_MODELS_DIR, installed packages or the local HF cache)")
         _quiet()
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         model.to(device).eval().requires_grad_(False)
         base = LoadedBase(name, str(path), model, device)
         _BASES[key] = base
-        log.info("loaded base model %s from %s on %s", name, path, device)
+        log.info("loaded base model %s from %s on %s (%s)", name, path, device, dtype)
         return base
 
 
 def loaded_bases(device: torch.device | None = None) -> list[LoadedBase]:
     with _BASES_LOCK:
-        return [b for (_, dev), b in _BASES.items() if device is None or dev == str(device)]
+        return [b for (_, dev, _), b in _BASES.items() if device is None or dev == str(device)]
 
 
 def lora_config(rank: int, alpha: float, targets: list[str], inference: bool = False) -> LoraConfig:

@@ -1,7 +1,8 @@
 """HFTrainingBackend: many LoRA adapters on one shared base model, each with its own AdamW and gradients.
 
-Gradients accumulate across forward_backward calls until optim_step. Saved state is PEFT format
-(adapter_model.safetensors + adapter_config.json, loadable by PEFT and vLLM) plus optimizer.pt and tinkerbell.json.
+forward_backward packs every request's datums into rows and runs them in one forward and one backward. Gradients
+accumulate until optim_step. Saved state is PEFT format (adapter_model.safetensors + adapter_config.json, loadable
+by PEFT and vLLM) plus optimizer.pt and tinkerbell.json.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from backends.hf import (
     lora_config,
     lora_targets,
     memory_bytes,
+    settings_dtype,
     torch_device,
 )
+from backends.multilora import pack
 from core.errors import NotFound, UserError
 from core.settings import Settings
 
@@ -40,7 +43,7 @@ PER_TOKEN_INPUTS = ("weights", "advantages", "logprobs", "mask", "sequence_ratio
 class _Adapter:
     model_id: str
     base: LoadedBase
-    name: str  # internal PEFT adapter name (model ids may contain '.', which module names can't)
+    name: str  # its name on the LoadedBase (shared with samplers, so not the model id)
     lora: LoraSpec
     config: Any  # peft LoraConfig
     params: dict[str, torch.nn.Parameter]
@@ -80,13 +83,15 @@ def _check_range(arr: np.ndarray, vocab: int, field: str) -> None:
 
 
 class HFTrainingBackend:
-    """TrainingBackend on HF transformers + PEFT. Float32 by default (exact); pass dtype=torch.bfloat16 to save memory."""
+    """TrainingBackend on HF transformers and our MultiLoraLinear. Base weights in settings.torch_dtype_name (an
+    explicit dtype= overrides); LoRA weights, gradients and optimizer state always float32."""
 
     def __init__(self, settings: Settings, dtype: torch.dtype | None = None) -> None:
         self.settings = settings
         self.device = torch_device(settings.device)
-        self.dtype = dtype or torch.float32
+        self.dtype = settings_dtype(settings, dtype)
         self._adapters: dict[str, _Adapter] = {}
+        self.last_pass: dict[str, Any] = {}  # the last forward_backward's packing, for the engine's metrics
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def create_adapter(self, model_id: str, base_model: str, lora: LoraSpec) -> dict[str, Any]:
@@ -104,10 +109,10 @@ class HFTrainingBackend:
         if not targets:
             raise UserError("lora_config: train_attn, train_mlp and train_unembed are all false; nothing to train")
         base = get_base(base_model, self.settings, self.device, self.dtype)
-        config = lora_config(lora.rank, float(lora.alpha), targets)
         with base.lock:
-            name = base.new_adapter(config, lora.seed, prefix="train")
-            params = base.adapter_params(name)
+            name = base.unique_name("train")
+            params = base.add_adapter(name, lora.rank, float(lora.alpha), targets, lora.seed)
+        config = lora_config(lora.rank, float(lora.alpha), targets)  # only to write adapter_config.json
         adapter = _Adapter(model_id, base, name, lora, config, params, _new_optimizer(list(params.values())))
         self._adapters[model_id] = adapter
         return self._info(adapter)
@@ -132,7 +137,11 @@ class HFTrainingBackend:
             return
         adapter.optimizer.state.clear()
         adapter.params.clear()
-        adapter.base.delete_adapter(adapter.name)
+        adapter.base.remove_adapter(adapter.name)
+
+    def trainable_parameters(self, model_id: str) -> list[torch.nn.Parameter]:
+        """The adapter's LoRA parameters (float32), in optimizer order."""
+        return list(self._get(model_id).params.values())
 
     def _get(self, model_id: str) -> _Adapter:
         adapter = self._adapters.get(model_id)
@@ -183,45 +192,85 @@ class HFTrainingBackend:
             inputs.append(converted)
         return _Prepared(adapter, request, tokens, targets, inputs)
 
-    def forward_backward(self, requests: list[FwdBwdRequest]) -> list[FwdBwdResult]:
-        """Run each request (all are validated first, so a bad one changes no adapter's gradients)."""
-        prepared = [self._prepare(r) for r in requests]
-        return [self._run(p) for p in prepared]
+    def forward_backward(self, requests: list[FwdBwdRequest]) -> list[FwdBwdResult | Exception]:
+        """All requests in one packed forward and one backward per base model. A request that fails validation
+        or its loss gets its UserError in its slot and changes no adapter's gradients."""
+        results: list[FwdBwdResult | Exception | None] = [None] * len(requests)
+        by_base: dict[int, list[tuple[int, _Prepared]]] = {}
+        for slot, request in enumerate(requests):
+            try:
+                prepared = self._prepare(request)
+            except UserError as exc:
+                results[slot] = exc
+                continue
+            by_base.setdefault(id(prepared.adapter.base), []).append((slot, prepared))
+        stats = {"adapters": 0, "requests": 0, "tokens": 0, "positions": 0}
+        for group in by_base.values():
+            for key, value in self._pass(group, results).items():
+                stats[key] += value
+        padding = 1 - stats["tokens"] / stats["positions"] if stats["positions"] else 0.0
+        self.last_pass = {**stats, "padding_fraction": padding}
+        return results  # type: ignore[return-value]  # every slot is filled
 
-    def _run(self, p: _Prepared) -> FwdBwdResult:
+    def _pass(self, group: list[tuple[int, _Prepared]], results: list[Any]) -> dict[str, int]:
+        """One forward over all the group's datums packed into rows, per-request losses, one backward."""
         from losses import compute_loss
 
-        base, adapter = p.adapter.base, p.adapter
-        lengths = [int(t.numel()) for t in p.tokens]
-        batch, width = len(lengths), max(lengths)
-        ids = torch.zeros((batch, width), dtype=torch.int64)  # (B, L), right-padded
-        mask = torch.zeros((batch, width), dtype=torch.int64)  # (B, L)
-        for i, t in enumerate(p.tokens):
-            ids[i, : lengths[i]] = t
-            mask[i, : lengths[i]] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        grad_mode = torch.no_grad() if p.request.forward_only else torch.enable_grad()
-        with base.lock, grad_mode:
-            base.activate(adapter.name, trainable=True)
-            attention = None if min(lengths) == width else mask
-            logits = base.model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, L, V)
-            # One log_softmax and one gather over the whole batch: slicing (B, L, V) per datum would make autograd
-            # allocate a zero (B, L, V) gradient per datum on the way back (measured: ~30% of an SmolLM2 step).
-            widths = [1 if t.dim() == 1 else int(t.shape[1]) for t in p.targets]
-            index = torch.zeros((batch, width, max(widths)), dtype=torch.int64, device=self.device)  # (B, L, K)
-            for i, (n, target) in enumerate(zip(lengths, p.targets)):
-                index[i, :n, : widths[i]] = target.reshape(n, widths[i])
-            # log_softmax keeps only its output for the backward pass, so the logits can go at once (del below): the
-            # same memory as gather - logsumexp, which keeps the logits, and measured 7 % faster per SmolLM2 step.
-            logits = logits.float()  # (B, L, V); position j predicts target j (the caller already shifted)
-            lp_all = torch.log_softmax(logits, dim=-1).gather(-1, index)  # (B, L, K)
+        base = group[0][1].adapter.base
+        datums = [(p, i) for _, p in group for i in range(len(p.tokens))]  # (request, datum index)
+        packed = pack([p.tokens[i] for p, i in datums])
+        lengths, starts, flat = packed.lengths, packed.starts, packed.positions
+        # An adapter's tokens go to its LoRA matmuls in request then datum order, whatever the packing.
+        segments = [(p.adapter.name, starts[k], starts[k] + lengths[k]) for k, (p, _) in enumerate(datums)]
+        widths = [1 if p.targets[i].dim() == 1 else int(p.targets[i].shape[1]) for p, i in datums]
+        index = torch.zeros((flat, max(widths)), dtype=torch.int64, device=self.device)  # (B*W, K)
+        for k, (p, i) in enumerate(datums):
+            index[starts[k] : starts[k] + lengths[k], : widths[k]] = p.targets[i].reshape(lengths[k], widths[k])
+        train = any(not p.request.forward_only for _, p in group)
+        with base.lock, torch.set_grad_enabled(train):
+            with base.autocast(), base.routed_tokens(segments):
+                # position_ids restart at 0 per datum and attention_mask is None: transformers sees packed
+                # sequences and builds a block-diagonal causal mask (tests/test_multilora.py checks isolation).
+                ids, positions = packed.ids.to(self.device), packed.position_ids.to(self.device)  # (B, W) each
+                logits = base.model(input_ids=ids, position_ids=positions, use_cache=False).logits  # (B, W, V)
+            # One log_softmax and one gather over the whole batch: slicing (B, W, V) per datum would make autograd
+            # allocate a zero (B, W, V) gradient per datum on the way back (measured: ~30% of an SmolLM2 step).
+            # log_softmax keeps only its output for backward, so the logits go at once (del below).
+            logits = logits.float().view(flat, -1)  # (B*W, V); position j predicts target j
+            lp_all = torch.log_softmax(logits, dim=-1).gather(-1, index)  # (B*W, K)
             del logits
-            logprobs = [lp_all[i, :n, : widths[i]].reshape(p.targets[i].shape) for i, n in enumerate(lengths)]  # (N,) or (N, K)
-            loss, metrics = compute_loss(p.request.loss_fn, logprobs, p.inputs, p.request.loss_fn_config or {})
-            if not p.request.forward_only and loss.requires_grad:
-                loss.backward()
-        outputs = [{"logprobs": lp.detach().to("cpu", torch.float32).numpy()} for lp in logprobs]
-        return FwdBwdResult(loss_fn_outputs=outputs, metrics={k: float(v) for k, v in metrics.items()})
+            losses: list[torch.Tensor] = []
+            trained: dict[int, torch.nn.Parameter] = {}
+            k = 0
+            for slot, p in group:
+                logprobs = []  # per datum (N,) or (N, K)
+                for i in range(len(p.tokens)):
+                    lp = lp_all[starts[k] : starts[k] + lengths[k], : widths[k]].reshape(p.targets[i].shape)
+                    logprobs.append(lp.detach() if p.request.forward_only else lp)
+                    k += 1
+                try:
+                    loss, metrics = compute_loss(p.request.loss_fn, logprobs, p.inputs, p.request.loss_fn_config or {})
+                except torch.OutOfMemoryError:
+                    raise
+                except UserError as exc:
+                    results[slot] = exc
+                    continue
+                except Exception as exc:  # noqa: BLE001 -- a loss that breaks fails its own request only
+                    results[slot] = UserError(f"loss_fn {p.request.loss_fn!r}: {type(exc).__name__}: {exc}")
+                    continue
+                if not p.request.forward_only and loss.requires_grad:
+                    losses.append(loss)
+                    trained.update((id(t), t) for t in p.adapter.params.values())
+                outputs = [{"logprobs": lp.detach().to("cpu", torch.float32).numpy()} for lp in logprobs]
+                metrics = {key: float(v) for key, v in metrics.items()}
+                results[slot] = FwdBwdResult(loss_fn_outputs=outputs, metrics=metrics)
+            if losses:
+                # inputs=: only adapters with a surviving training request accumulate (a failed or forward-only
+                # request's adapter would otherwise get zero .grad tensors, and AdamW steps on zeros).
+                torch.autograd.backward(torch.stack(losses).sum(), inputs=list(trained.values()))
+        tokens = sum(lengths)
+        return {"adapters": len({p.adapter.model_id for _, p in group}), "requests": len(group), "tokens": tokens,
+                "positions": flat}
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
@@ -255,6 +304,18 @@ class HFTrainingBackend:
             adapter.optimizer.zero_grad(set_to_none=True)
         adapter.steps += 1
         return {"grad_norm:mean": norm, "learning_rate:mean": float(adam.learning_rate)}
+
+    def optim_steps(self, steps: list[tuple[str, AdamSpec]]) -> list[dict[str, float] | Exception]:
+        """optim_step for each (model_id, AdamSpec); a failed step's error in its slot, the others still run."""
+        results: list[dict[str, float] | Exception] = []
+        for model_id, adam in steps:
+            try:
+                results.append(self.optim_step(model_id, adam))
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- per-step result
+                results.append(exc)
+        return results
 
     def discard_gradients(self, model_id: str) -> None:
         """Drop the gradients accumulated since the last optim_step, leaving weights and optimizer state alone."""

@@ -1,0 +1,250 @@
+"""HFSamplingBackend.sample_batch on the tiny Llama: many requests in one loop, each equal to its solo run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backends.base import SampleRequest, SampleResult, SamplingSpec
+from core.errors import UserError
+from core.settings import Settings
+from tests.tiny_model import TINY_MODEL_NAME, build_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+OTHER_MODEL = "tinkerbell/tiny-llama-copy"  # the same weights under a second name: a second base model
+VOCAB = 49152
+PROMPTS = [
+    [1, 504, 3158, 314, 260, 3575, 282, 4649, 47, 2],
+    [1, 88, 4123],
+    [1, 2020, 17, 391, 9000, 12, 7],
+]
+GREEDY = SamplingSpec(max_tokens=8, temperature=0.0, stop=[])
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> Settings:
+    models = tmp_path_factory.mktemp("batch-models")
+    tiny = build_tiny_model(models / "tinkerbell" / "tiny-llama")
+    shutil.copytree(tiny, models / OTHER_MODEL)
+    return Settings(models_dir=str(models), data_dir=str(tmp_path_factory.mktemp("batch-data")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sampler(settings):
+    from backends.hf_sample import HFSamplingBackend
+
+    return HFSamplingBackend(settings)
+
+
+@pytest.fixture(scope="module")
+def adapters(settings, tmp_path_factory) -> list[str]:
+    """Eight sampler adapters written by plain PEFT (attention, MLP and lm_head), LoRA B random so each one matters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backends.hf import lora_targets
+
+    root = tmp_path_factory.mktemp("batch-adapters")
+    dirs = []
+    for k in range(8):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+        )
+        config = LoraConfig(r=4, lora_alpha=8.0, target_modules=lora_targets(True, True, True), lora_dropout=0.0)
+        torch.manual_seed(k)
+        model = get_peft_model(model, config)
+        generator = torch.Generator().manual_seed(100 + k)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(str(root / f"adapter{k}"), save_embedding_layers=False)
+        dirs.append(str(root / f"adapter{k}"))
+    return dirs
+
+
+def solo(sampler, request: SampleRequest) -> SampleResult:
+    return sampler.sample(
+        request.base_model,
+        request.adapter_dir,
+        request.prompt,
+        request.params,
+        request.num_samples,
+        request.prompt_logprobs,
+        request.topk_prompt_logprobs,
+    )
+
+
+def assert_same(batched: SampleResult, alone: SampleResult) -> None:
+    """Same tokens and stop reasons; logprobs (sampled, prompt, top-k prompt) within 1e-4."""
+    assert [s.tokens for s in batched.sequences] == [s.tokens for s in alone.sequences]
+    assert [s.stop_reason for s in batched.sequences] == [s.stop_reason for s in alone.sequences]
+    for b, a in zip(batched.sequences, alone.sequences):
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4, rtol=0)
+    assert (batched.prompt_logprobs is None) == (alone.prompt_logprobs is None)
+    if alone.prompt_logprobs is not None:
+        assert batched.prompt_logprobs[0] is None and len(batched.prompt_logprobs) == len(alone.prompt_logprobs)
+        np.testing.assert_allclose(batched.prompt_logprobs[1:], alone.prompt_logprobs[1:], atol=1e-4, rtol=0)
+    assert (batched.topk_prompt_logprobs is None) == (alone.topk_prompt_logprobs is None)
+    if alone.topk_prompt_logprobs is not None:
+        for b_row, a_row in zip(batched.topk_prompt_logprobs, alone.topk_prompt_logprobs):
+            assert [t for t, _ in b_row] == [t for t, _ in a_row]
+            np.testing.assert_allclose([v for _, v in b_row], [v for _, v in a_row], atol=1e-4, rtol=0)
+
+
+def peft_prompt_logprobs(settings: Settings, tokens: list[int], adapter_dir: str) -> np.ndarray:
+    """The reference: logprob of tokens[j] given tokens[:j] by one plain PEFT forward pass."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0]  # (N, V)
+    return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
+
+
+def test_mixed_adapters_prompts_and_samples_each_equal_their_solo_run(sampler, settings, adapters):
+    requests = []
+    for seed, (adapter, prompt, n) in enumerate(
+        (a, p, n) for a in [None, *adapters[:3]] for p in PROMPTS for n in (1, 3)
+    ):
+        if n == 1:
+            requests.append(SampleRequest(TINY_MODEL_NAME, adapter, prompt, GREEDY, 1, True, 3))
+        else:
+            params = SamplingSpec(max_tokens=6, temperature=0.9, top_k=50, top_p=0.95, seed=seed, stop=[])
+            requests.append(SampleRequest(TINY_MODEL_NAME, adapter, prompt, params, n))
+    batched = sampler.sample_batch(requests)
+    assert sampler.last_batch == {"requests": 24, "rows": 48, "loops": 1}
+    for request, result in zip(requests, batched):
+        assert_same(result, solo(sampler, request))
+    # The adapters really took part, each its own: prompt logprobs equal plain PEFT's, and greedy outputs differ.
+    for k, adapter in enumerate(adapters[:3]):
+        result = batched[6 * (k + 1)]
+        assert result.prompt_logprobs is not None
+        np.testing.assert_allclose(
+            result.prompt_logprobs[1:], peft_prompt_logprobs(settings, PROMPTS[0], adapter), atol=1e-4
+        )
+    greedy_outputs = {tuple(batched[6 * k].sequences[0].tokens) for k in range(4)}
+    assert len(greedy_outputs) == 4
+
+
+def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(sampler, adapters):
+    mine = SampleRequest(
+        TINY_MODEL_NAME, adapters[0], PROMPTS[1], SamplingSpec(max_tokens=8, temperature=1.0, seed=7, stop=[]), 4
+    )
+    others = [
+        SampleRequest(TINY_MODEL_NAME, a, p, SamplingSpec(max_tokens=3, seed=1, stop=[]), 2)
+        for a in adapters[1:4]
+        for p in PROMPTS
+    ]
+    first = sampler.sample_batch([mine])[0]
+    second = sampler.sample_batch([*others[:5], mine, *others[5:]])[5]
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in second.sequences]
+    assert len({tuple(s.tokens) for s in first.sequences}) > 1  # the 4 samples are not copies of one another
+
+
+def test_rows_with_different_lengths_and_stops_finish_independently(sampler, adapters):
+    long = solo(
+        sampler,
+        SampleRequest(TINY_MODEL_NAME, adapters[1], PROMPTS[0], SamplingSpec(max_tokens=12, temperature=0.0, stop=[])),
+    )
+    greedy = long.sequences[0].tokens
+    stop_id = greedy[4]
+    from backends.hf import get_base
+
+    tokenizer = get_base(TINY_MODEL_NAME, sampler.settings, sampler.device).tokenizer
+    stop_text = tokenizer.decode(greedy[2:4])
+    specs = [
+        SamplingSpec(max_tokens=12, temperature=0.0, stop=[]),
+        SamplingSpec(max_tokens=2, temperature=0.0, stop=[]),
+        SamplingSpec(max_tokens=7, temperature=0.0, stop=[]),
+        SamplingSpec(max_tokens=12, temperature=0.0, stop=[stop_id]),
+        SamplingSpec(max_tokens=12, temperature=0.0, stop=[stop_text]),
+        SamplingSpec(max_tokens=0, temperature=0.0, stop=[]),
+        SamplingSpec(max_tokens=5, temperature=1.0, seed=3, stop=[]),
+    ]
+    requests = [SampleRequest(TINY_MODEL_NAME, adapters[1], PROMPTS[0], spec) for spec in specs]
+    requests.insert(
+        3, SampleRequest(TINY_MODEL_NAME, None, PROMPTS[2], SamplingSpec(max_tokens=9, temperature=0.0, stop=[]), 2)
+    )
+    batched = sampler.sample_batch(requests)
+    assert sampler.last_batch["loops"] == 1
+    for request, result in zip(requests, batched):
+        assert_same(result, solo(sampler, request))
+    lengths = [len(r.sequences[0].tokens) for r in batched]
+    assert lengths[:3] == [12, 2, 7] and lengths[6] == 0 and lengths[7] == 5
+    assert batched[0].sequences[0].tokens == greedy and batched[1].sequences[0].tokens == greedy[:2]
+    by_id = batched[4].sequences[0]
+    assert by_id.stop_reason == "stop" and by_id.tokens == greedy[: greedy.index(stop_id) + 1]
+    by_text = batched[5].sequences[0]
+    assert by_text.stop_reason == "stop" and stop_text in tokenizer.decode(by_text.tokens) and len(by_text.tokens) <= 4
+    assert batched[0].sequences[0].stop_reason == "length" and batched[6].sequences[0].stop_reason == "length"
+
+
+def test_a_bad_request_fails_alone(sampler, adapters, tmp_path):
+    good = [SampleRequest(TINY_MODEL_NAME, a, p, GREEDY, 1, True) for a, p in zip([None, adapters[2]], PROMPTS)]
+    bad = [
+        SampleRequest(TINY_MODEL_NAME, adapters[0], [1, VOCAB, 3], GREEDY),
+        SampleRequest(TINY_MODEL_NAME, str(tmp_path / "missing"), PROMPTS[0], GREEDY),
+        SampleRequest(TINY_MODEL_NAME, None, PROMPTS[0], dataclasses.replace(GREEDY, top_p=0.0)),
+        SampleRequest("nobody/nothing", None, PROMPTS[0], GREEDY),
+        SampleRequest(TINY_MODEL_NAME, None, PROMPTS[0], GREEDY, num_samples=0),
+    ]
+    results = sampler.sample_batch([bad[0], good[0], bad[1], bad[2], good[1], bad[3], bad[4]])
+    assert sampler.last_batch == {"requests": 7, "rows": 2, "loops": 1}
+    for result, field in zip(
+        [results[0], results[2], results[3], results[5], results[6]],
+        ["prompt", "model_path", "top_p", "base_model", "num_samples"],
+    ):
+        assert isinstance(result, UserError) and field in str(result)
+    assert_same(results[1], solo(sampler, good[0]))
+    assert_same(results[4], solo(sampler, good[1]))
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        solo(sampler, bad[0])
+
+
+def test_many_requests_share_few_loops_capped_by_engine_sample_rows(settings, adapters):
+    from backends.hf_sample import HFSamplingBackend
+
+    requests = [
+        SampleRequest(
+            TINY_MODEL_NAME, adapters[i % 8], PROMPTS[i % 3], SamplingSpec(max_tokens=4, temperature=0.0, stop=[])
+        )
+        for i in range(64)
+    ]
+    wide = HFSamplingBackend(settings)
+    results = wide.sample_batch(requests)
+    assert wide.last_batch == {"requests": 64, "rows": 64, "loops": 1}
+    narrow = HFSamplingBackend(dataclasses.replace(settings, engine_sample_rows=16))
+    capped = narrow.sample_batch(requests)
+    assert narrow.last_batch == {"requests": 64, "rows": 64, "loops": 4}
+    for i in range(0, 64, 7):
+        assert_same(results[i], capped[i])
+        assert_same(results[i], solo(narrow, requests[i]))
+    # A request with more samples than the cap gets a loop of its own.
+    big = SampleRequest(
+        TINY_MODEL_NAME, adapters[0], PROMPTS[0], SamplingSpec(max_tokens=2, seed=1, stop=[]), num_samples=20
+    )
+    narrow.sample_batch([requests[0], big, requests[1]])
+    assert narrow.last_batch == {"requests": 3, "rows": 22, "loops": 3}
+
+
+def test_requests_for_different_base_models_are_decoded_per_model(sampler):
+    requests = [
+        SampleRequest(model, None, prompt, GREEDY, 1, True)
+        for prompt in PROMPTS
+        for model in (TINY_MODEL_NAME, OTHER_MODEL)
+    ]
+    results = sampler.sample_batch(requests)
+    assert sampler.last_batch == {"requests": 6, "rows": 6, "loops": 2}
+    for request, result in zip(requests, results):
+        assert_same(result, solo(sampler, request))
+    for k in range(0, 6, 2):  # same weights under two names: same numbers
+        assert_same(results[k], results[k + 1])
