@@ -20,7 +20,7 @@ class BackendUnavailable(RuntimeError):
 # name -> (module, class, how to get it)
 TRAINING_BACKENDS: dict[str, tuple[str, str, str]] = {
     "hf": ("backends.hf_train", "HFTrainingBackend", "pip install torch transformers peft safetensors"),
-    "megatron": ("backends.megatron", "MegatronTrainingBackend", "pip install megatron-core (needs CUDA GPUs)"),
+    "megatron": ("backends.megatron", "MegatronTrainingBackend", "pip install megatron-core==0.16.1 (CPU works for tests; GPUs for speed)"),
 }
 SAMPLING_BACKENDS: dict[str, tuple[str, str, str]] = {
     "hf": ("backends.hf_sample", "HFSamplingBackend", "pip install torch transformers peft safetensors"),

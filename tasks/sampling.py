@@ -10,7 +10,7 @@ from typing import Any
 
 from backends.base import SampleRequest, SampleResult, SamplingSpec
 from core.errors import UserError
-from core.wire import decode_array, encode_array
+from core.wire import decode_array, encode_array, encode_topk
 from tasks.celery_app import app
 from tasks.engine import SAMPLE, Work
 from tasks.runtime import runtime
@@ -33,5 +33,5 @@ def sample(base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sam
     if result.prompt_logprobs is not None:
         out["prompt_logprobs"] = encode_array([float("nan") if v is None else v for v in result.prompt_logprobs], "float32")
     if result.topk_prompt_logprobs is not None:
-        out["topk_prompt_logprobs"] = [[[int(t), float(lp)] for t, lp in row] for row in result.topk_prompt_logprobs]
+        out["topk_prompt_logprobs"] = encode_topk(result.topk_prompt_logprobs)  # two [N, k] arrays (rule 4)
     return out
