@@ -20,7 +20,7 @@ from backends.hf import LoadedBase
 @dataclass
 class GenJob:
     """One validated sample request. adapter: its name on the base model (None: the base model itself).
-    spec: as _validate returns it (max_tokens an int, stop None or a list)."""
+    spec: as backends.sample_checks.validate returns it (max_tokens an int, stop None or a list)."""
 
     prompt: list[int]
     spec: SamplingSpec

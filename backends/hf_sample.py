@@ -7,7 +7,6 @@ Tinker and vLLM's default "raw_logprobs" report them, whatever temperature was u
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -17,61 +16,11 @@ import torch
 from backends.base import SampleRequest, SampleResult, SamplingSpec
 from backends.hf import LoadedBase, get_base, memory_bytes, settings_dtype, torch_device
 from backends.hf_generate import GenJob, generate
+from backends.sample_checks import plain_tokens, validate
 from core.errors import UserError
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _validate(
-    prompt: list[int], params: SamplingSpec, num_samples: int, topk_prompt: int, base: LoadedBase
-) -> SamplingSpec:
-    if not prompt:
-        raise UserError("prompt: empty")
-    for pos, tok in enumerate(prompt):
-        if not isinstance(tok, int) or not 0 <= tok < base.vocab_in:
-            raise UserError(
-                f"prompt: token id {tok!r} at position {pos} is outside the vocabulary [0, {base.vocab_in})"
-            )
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise UserError(f"num_samples: must be a positive integer, got {num_samples!r}")
-    if not isinstance(topk_prompt, int) or not 0 <= topk_prompt <= base.vocab_out:
-        raise UserError(f"topk_prompt_logprobs: must be between 0 and {base.vocab_out}, got {topk_prompt!r}")
-    room = (base.max_len - len(prompt)) if base.max_len else None
-    if room is not None and room < 0:
-        raise UserError(f"prompt: {len(prompt)} tokens exceed the model's context length {base.max_len}")
-    max_tokens = params.max_tokens if params.max_tokens is not None else (room if room is not None else 16)
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise UserError(f"sampling_params.max_tokens: must be a non-negative integer, got {params.max_tokens!r}")
-    if room is not None and max_tokens > room:
-        raise UserError(
-            f"sampling_params.max_tokens: prompt ({len(prompt)}) + max_tokens ({max_tokens}) "
-            f"exceeds the context length {base.max_len}"
-        )
-    t, p, k = params.temperature, params.top_p, params.top_k
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-        raise UserError(f"sampling_params.temperature: must be >= 0, got {t!r}")
-    if not (isinstance(p, (int, float)) and 0 < p <= 1):
-        raise UserError(f"sampling_params.top_p: must be in (0, 1], got {p!r}")
-    if not isinstance(k, int) or k < -1:
-        raise UserError(f"sampling_params.top_k: must be -1 (off) or a positive integer, got {k!r}")
-    if params.seed is not None and not isinstance(params.seed, int):
-        raise UserError(f"sampling_params.seed: must be an integer, got {params.seed!r}")
-    stop = params.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, (list, tuple)):
-            raise UserError("sampling_params.stop: must be a string, a list of strings or a list of token ids")
-        if not (
-            all(isinstance(s, str) and s for s in stop)
-            or all(isinstance(s, int) and not isinstance(s, bool) for s in stop)
-        ):
-            raise UserError("sampling_params.stop: must be all non-empty strings or all token ids")
-        stop = list(stop)
-    return SamplingSpec(
-        max_tokens=max_tokens, temperature=float(t), top_p=float(p), top_k=k, seed=params.seed, stop=stop
-    )
 
 
 class HFSamplingBackend:
@@ -151,9 +100,8 @@ class HFSamplingBackend:
 
     def _job(self, base: LoadedBase, request: SampleRequest) -> GenJob:
         """Validate one request and attach its adapter; raises UserError naming the field."""
-        prompt = list(request.prompt)
-        prompt = [int(t) if hasattr(t, "__index__") and not isinstance(t, bool) else t for t in prompt]  # numpy ints
-        spec = _validate(prompt, request.params, request.num_samples, request.topk_prompt_logprobs, base)
+        prompt: list[int] = plain_tokens(list(request.prompt))  # type: ignore[assignment]  # validate checks them
+        spec = validate(prompt, request.params, request.num_samples, request.topk_prompt_logprobs, base)
         adapter = self._adapter(base, request.adapter_dir) if request.adapter_dir else None
         want_lp, topk = bool(request.prompt_logprobs), request.topk_prompt_logprobs
         return GenJob(prompt, spec, request.num_samples, adapter, want_lp, topk)
