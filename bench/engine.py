@@ -91,39 +91,38 @@ def plain_step(model, optimizer, name: str, batch: list) -> None:
     optimizer.zero_grad()
 
 
-def service_steps(stack: Stack, batches: list[list], steps: int) -> float:
-    """Tokens/s of `steps` SFT steps of len(batches) adapters, one concurrent SDK client each (after a warm-up)."""
+def training(stack: Stack, batches: list[list], steps: int, dtype: str) -> tuple[float, float]:
+    """Tokens/s of SFT steps of len(batches) adapters: a plain PEFT loop round-robining them in this process, and
+    one concurrent SDK client per adapter through the service; rounds alternate so the machine's drift hits both."""
     import tinker
 
+    model, optimizers = plain_peft(stack, len(batches), dtype)
     service = tinker.ServiceClient(base_url=stack.url, api_key="tml-bench")
+    adam = tinker.types.AdamParams(learning_rate=1e-4)
     with ThreadPoolExecutor(len(batches)) as pool:
         clients = list(pool.map(lambda i: service.create_lora_training_client(SMOL, rank=RANK, seed=i, train_unembed=False).result(600), range(len(batches))))
 
-        def run(i: int, n: int) -> None:
-            for _ in range(n):
-                fb = clients[i].forward_backward(batches[i], "cross_entropy")
-                opt = clients[i].optim_step(tinker.types.AdamParams(learning_rate=1e-4))
-                fb.result(600), opt.result(600)
+        def service_step(i: int) -> None:
+            fb = clients[i].forward_backward(batches[i], "cross_entropy")
+            opt = clients[i].optim_step(adam)  # pipelined behind the forward_backward, as the SDK's users do
+            fb.result(600), opt.result(600)
 
-        list(pool.map(lambda i: run(i, 1), range(len(batches))))  # warm-up
-        t0 = time.perf_counter()
-        list(pool.map(lambda i: run(i, steps), range(len(batches))))
-        elapsed = time.perf_counter() - t0
+        def plain_round() -> None:
+            for i, b in enumerate(batches):  # round robin, one adapter at a time
+                plain_step(model, optimizers[f"a{i}"], f"a{i}", b)
+
+        def service_round() -> None:
+            list(pool.map(service_step, range(len(batches))))
+
+        plain_round(), service_round()  # warm-up
+        times = {plain_round: 0.0, service_round: 0.0}
+        for _ in range(steps):
+            for run in times:
+                t0 = time.perf_counter()
+                run()
+                times[run] += time.perf_counter() - t0
     tokens = sum(len(d.model_input.to_ints()) for b in batches for d in b) * steps
-    return tokens / elapsed
-
-
-def plain_steps(stack: Stack, batches: list[list], steps: int, dtype: str) -> float:
-    model, optimizers = plain_peft(stack, len(batches), dtype)
-    for i, b in enumerate(batches):  # warm-up
-        plain_step(model, optimizers[f"a{i}"], f"a{i}", b)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        for i, b in enumerate(batches):  # round robin, one adapter at a time
-            plain_step(model, optimizers[f"a{i}"], f"a{i}", b)
-    elapsed = time.perf_counter() - t0
-    del model
-    return sum(len(d.model_input.to_ints()) for b in batches for d in b) * steps / elapsed
+    return tokens / times[plain_round], tokens / times[service_round]
 
 
 def sampler_paths(stack: Stack, adapters: int) -> list[str]:
@@ -203,13 +202,10 @@ def main() -> None:
         try:
             for n in [int(a) for a in args.adapters.split(",")]:
                 batches = [[datum(rng, 128)] for _ in range(n)]
-                plain = plain_steps(stack, batches, args.steps, dtype)
-                served = service_steps(stack, batches, args.steps)
-                rows.append((dtype, f"(a) {n} adapter(s) x 1x128, tokens/s", plain, served))
+                rows.append((dtype, f"(a) {n} adapter(s) x 1x128, tokens/s", *training(stack, batches, args.steps, dtype)))
             lengths = np.linspace(16, 512, 8).astype(int).tolist()
             batches = [[datum(rng, n) for n in lengths]]
-            rows.append((dtype, "(b) 1 adapter, 8 datums of 16..512, tokens/s", plain_steps(stack, batches, args.steps, dtype),
-                         service_steps(stack, batches, args.steps)))
+            rows.append((dtype, "(b) 1 adapter, 8 datums of 16..512, tokens/s", *training(stack, batches, args.steps, dtype)))
             if not args.skip_sampling:
                 prompts = [rng.integers(1, VOCAB, size=int(rng.integers(8, 32))).tolist() for _ in range(64)]
                 paths = sampler_paths(stack, 8)
