@@ -147,10 +147,11 @@ class MultiLoraLinear(nn.Module):
             raise RuntimeError(f"routed: {route.extent} rows routed, the input has batch size {x.shape[0]}")
         out = self.base_layer(x)  # (B*T, out) or (B, T, out)
         cast = not torch.is_autocast_enabled(x.device.type)
-        if route.tokens:
-            tiled = _tiles(active, x.shape[0])
-            if tiled is not None:
-                return (out + _stacked(x, tiled, cast).to(out.dtype)).view(*shape[:-1], self.out_features)
+        tiled = _tiles(active, x.shape[0])  # x.shape[0]: B*T positions (tokens route) or B rows (rows route)
+        if tiled is not None:
+            flat = x.reshape(-1, shape[-1])  # (B*T, in)
+            delta = _stacked(flat, tiled, cast).to(out.dtype).view(out.shape)
+            return (out + delta).view(*shape[:-1], self.out_features)
         pieces: list[tuple[int, torch.Tensor]] = []  # (first row, delta rows), to be laid out in row order
         for group, lora in active:
             if group.index is None:
@@ -168,7 +169,8 @@ class MultiLoraLinear(nn.Module):
 
 def _tiles(active: list[tuple[Group, LoraWeights]], rows: int) -> list[LoraWeights] | None:
     """The adapters in row order when their rows tile [0, rows) in equal contiguous runs and they share one rank
-    (equal-length datums, one request per adapter: the common packed pass); else None."""
+    (equal-length datums, one request per adapter: the common packed pass; equal rows per adapter in a decode
+    step); else None."""
     spans = sorted((g.runs[0], lora) for g, lora in active if len(g.runs) == 1)
     if len(spans) != len(active) or len(spans) < 2:
         return None
