@@ -137,6 +137,8 @@ class Runtime:
         info: dict[str, Any] = {
             "device": self.settings.device,
             "role": ",".join(sorted(self.settings.roles)),
+            "training_backend": self.settings.training_backend_name,
+            "sampling_backend": self.settings.sampling_backend_name,
             "base_models": sorted(set(self.settings.worker_base_models) | self.sample_queues),
             "engine": self.engine.status(),
             "current_task": self.engine.busy,  # what the status page shows as "running"

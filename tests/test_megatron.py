@@ -365,3 +365,43 @@ def test_cpu_shims_still_fit_megatron_core(mg):
     if DEVICE != "cpu":
         pytest.skip("the CPU shims are not used on a GPU")
     check_cpu_shims()
+
+
+def test_sdk_trains_through_the_service_on_megatron_and_samples_from_it(make_stack):
+    """USE_MEGATRON=true end to end: the official SDK, a real worker on the Megatron backend, HF sampling."""
+    import tinker
+    from tinker import types
+
+    from tests.stackutil import TINY_MODEL
+
+    os.environ["TINKER_TELEMETRY"] = "0"
+    stack = make_stack(1, {"TINKERBELL_AUTH": "off", "USE_MEGATRON": "true"})
+    service = tinker.ServiceClient(base_url=stack.url, api_key="tml-megatron")
+    tc = service.create_lora_training_client(TINY_MODEL, rank=8, seed=0).result(timeout=120)
+    [worker] = stack.registry().live_workers()
+    assert worker["training_backend"] == "megatron"
+    rng = np.random.default_rng(0)
+    batch = []
+    for _ in range(4):
+        tokens = rng.integers(1, 300, size=13)
+        weights = [0.0] * 4 + [1.0] * 8
+        batch.append(tinker.Datum(model_input=tinker.ModelInput.from_ints(tokens[:-1].tolist()),
+                                  loss_fn_inputs={"target_tokens": tokens[1:].tolist(), "weights": weights}))
+    losses = []
+    for _ in range(20):
+        fwdbwd = tc.forward_backward(batch, "cross_entropy")
+        step = tc.optim_step(types.AdamParams(learning_rate=2e-2))
+        losses.append(fwdbwd.result(timeout=120).metrics["loss:sum"])
+        step.result(timeout=120)
+    assert losses[-1] < 0.5 * losses[0], losses
+    sampler = tc.save_weights_and_get_sampling_client("megatron-sft").result(timeout=120)
+    prompt = batch[0].model_input
+    out = sampler.sample(prompt, num_samples=1, sampling_params=types.SamplingParams(max_tokens=8, temperature=0.0))
+    tokens = out.result(timeout=120).sequences[0].tokens
+    assert len(tokens) == 8 and all(0 <= t < VOCAB for t in tokens)
+    # The sampler serves the weights Megatron trained: HF's prompt logprobs equal Megatron's forward logprobs.
+    full = prompt.to_ints() + [int(batch[0].loss_fn_inputs["target_tokens"].tolist()[-1])]
+    sampled = sampler.compute_logprobs(tinker.ModelInput.from_ints(full)).result(timeout=120)
+    trained = tc.forward([batch[0]], "cross_entropy").result(timeout=120).loss_fn_outputs[0]["logprobs"].tolist()
+    np.testing.assert_allclose(np.asarray(sampled[1:], dtype=np.float32), np.asarray(trained, dtype=np.float32),
+                               atol=1e-3)
