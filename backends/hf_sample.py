@@ -128,6 +128,7 @@ class HFSamplingBackend:
                     jobs.append((i, self._job(base, requests[i])))
                 except UserError as exc:
                     results[i] = exc
+            jobs.sort(key=lambda item: item[1].adapter or "")  # an adapter's rows side by side: one LoRA run each
             for chunk in _pack(jobs, cap):
                 loops += 1
                 rows += sum(job.num_samples for _, job in chunk)

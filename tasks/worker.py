@@ -65,14 +65,19 @@ def _on_ready(sender: Any, **_: Any) -> None:
     runtime.registry.publish_builtin_losses([entry for entry in list_losses() if entry.get("builtin")])
     stop = threading.Event()
     threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True).start()
-    for base_model in runtime.settings.worker_base_models:
-        preload = getattr(runtime.training, "load_base_model", None)
-        if preload is not None:
-            try:
+    settings = runtime.settings
+    vllm_sampler = "sample" in settings.roles and settings.sampling_backend_name == "vllm"
+    for base_model in settings.worker_base_models:
+        # A vLLM sampler starts its engines now, not on the first request; it needs no HF copy unless it trains.
+        preloads = [] if vllm_sampler and "train" not in settings.roles else [getattr(runtime.training, "load_base_model", None)]
+        if vllm_sampler:
+            preloads.append(lambda name: runtime.sampling.load_base_model(name))
+        try:
+            for preload in filter(None, preloads):
                 runtime.engine.run(Work(CALL, functools.partial(preload, base_model)))
-            except Exception:
-                log.exception("could not preload base model %s", base_model)
-                continue
+        except Exception:
+            log.exception("could not preload base model %s", base_model)
+            continue
         runtime.serve_base_model(base_model)
     for model_id in owned:
         record = runtime.registry.model_any(model_id)
@@ -158,6 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     signals.worker_ready.connect(_on_ready, weak=False)
     signals.worker_shutdown.connect(_on_shutdown, weak=False)
     settings = Settings.from_env()
+    if "sample" in settings.roles and settings.sampling_backend_name == "vllm":
+        from backends.loader import BackendUnavailable
+        from backends.vllm import require_vllm
+
+        try:
+            require_vllm()  # at start-up, not at the first sample request
+        except BackendUnavailable as exc:
+            raise SystemExit(f"worker {name}: {exc}") from exc
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
         f"--prefetch-multiplier={settings.worker_prefetch}", "-n", f"{name}@{socket.gethostname()}",

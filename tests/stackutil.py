@@ -109,13 +109,16 @@ class Stack:
 
         return Registry(Settings.from_env(self.env))
 
-    def start_worker(self, name: str, wait: bool = True) -> subprocess.Popen:
+    def start_worker(self, name: str, wait: bool = True, python: str | None = None, args: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.Popen:
+        """A worker process: `python` (default this interpreter; e.g. the vLLM venv's), extra CLI `args`
+        (e.g. ["--role", "sample"]) and `env` on top of the stack's."""
+        command = [python or sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO", *(args or [])]
         with open(self.data_dir / f"worker-{name}.log", "ab") as log:  # the child keeps its own copy of the fd
-            proc = subprocess.Popen([sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[f"worker-{name}"] = proc
         if wait:
             registry = self.registry()
-            wait_for(lambda: any(w["name"] == name for w in registry.live_workers()) and registry.redis.exists("tb:losses:builtin") or proc.poll() is not None, 120, f"worker {name}")
+            wait_for(lambda: any(w["name"] == name for w in registry.live_workers()) and registry.redis.exists("tb:losses:builtin") or proc.poll() is not None, timeout, f"worker {name}")
             if proc.poll() is not None:
                 raise RuntimeError(f"worker {name} exited: {(self.data_dir / f'worker-{name}.log').read_text()[-3000:]}")
         return proc
