@@ -108,6 +108,15 @@ def wire_datum(datum: dict) -> dict:
     return {"tokens": encode_array(datum["model_input"], "int64"), "loss_fn_inputs": {k: encode_array(v) for k, v in inputs.items()}}
 
 
+def inspector(stack):
+    """`celery inspect` against this stack's broker, as an operator runs it."""
+    from celery import Celery
+
+    app = Celery("inspect", broker=stack.redis.url(stack.db), set_as_current=False)
+    app.conf.update(accept_content=["msgpack", "json"], result_accept_content=["msgpack", "json"])
+    return app.control.inspect(timeout=2.0)
+
+
 def first_logprobs(result: dict, i: int = 0) -> np.ndarray:
     return np.asarray(result["loss_fn_outputs"][i]["logprobs"]["data"], dtype=np.float32)
 
@@ -143,7 +152,11 @@ def test_out_of_order_delivery_runs_in_seq_order_and_a_resent_request_applies_on
     fwdbwd = {"model_id": model_id, "seq_id": 1, "data": [wire_datum(d) for d in data], "loss_fn": "cross_entropy",
               "loss_fn_config": {}, "forward_only": False}
     publish_directly(engine_stack, "tinkerbell.optim_step", step, ids[2], queue)  # seq 2 first
-    time.sleep(0.5)  # the optim_step reaches the engine alone and must wait there: nothing to wait on but time
+    # While the optim_step waits in the engine for seq 1, the worker's consumer is free: `inspect active` answers
+    # at once and lists it (on the solo pool a busy worker could not answer at all).
+    active: dict = {}
+    wait_for(lambda: ids[2] in str(active.update(inspector(engine_stack).active() or {}) or active), 20,
+             "the held optim_step in `inspect active`")
     publish_directly(engine_stack, "tinkerbell.forward_backward", fwdbwd, ids[1], queue)
     tb.retrieve_future(ids[2]).result(60)
     tb.retrieve_future(ids[1]).result(60)
