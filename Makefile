@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo stack test lint bench
+.PHONY: setup demo stack test lint bench vllm-venv
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
@@ -29,3 +29,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/overhead.py
+
+# The vLLM sampling venv, outside the repo ($TINKERBELL_VLLM_VENV); rebuilt only when its requirements change.
+vllm-venv:
+	scripts/vllm_venv.sh

