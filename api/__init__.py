@@ -26,16 +26,19 @@ class ApiRequest(Request):
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Flask:
+    """The API for `settings` (default: Settings.from_env()): its registry and its Celery app are made from them."""
     from api import custom_losses, native, ops, tinker
     from api.auth import authenticate
     from api.service import Service
+    from tasks.celery_app import make_app, result_backend
 
     settings = settings or Settings.from_env()
     registry = registry or Registry(settings)
-    _ = registry.broker_db  # fail at start, not on the first request, if the registry is not on the broker's server
+    celery = make_app(settings, results=False)  # publishes only; results are read through result_backend
+    service = Service(settings, registry, celery, result_backend(celery, settings))
     app = Flask(__name__)
     app.request_class = ApiRequest
-    app.config.update(SETTINGS=settings, REGISTRY=registry, SERVICE=Service(settings, registry))
+    app.config.update(SETTINGS=settings, REGISTRY=registry, SERVICE=service)
     app.json.sort_keys = False
     app.before_request(_start_timer)
     app.before_request(authenticate)

@@ -16,7 +16,6 @@ from typing import Any
 from celery import states
 
 from core.errors import UserError
-from tasks.celery_app import app as celery_app
 
 PENDING = object()
 RECHECK_S = 1.0  # a pending poll also re-reads the result this often (belt and braces for a lost message)
@@ -24,18 +23,23 @@ RECHECK_S = 1.0  # a pending poll also re-reads the result this often (belt and 
 _local = threading.local()
 
 
-def _subscriber() -> Any:
-    """This thread's pubsub connection to the result backend (a forked process makes its own)."""
-    pubsub = getattr(_local, "pubsub", None)
-    if pubsub is None or _local.pid != os.getpid():
-        pubsub = _local.pubsub = celery_app.backend.client.pubsub()
-        _local.pid = os.getpid()
-    return pubsub
+def _subscribers() -> dict[str, Any]:
+    """This thread's pubsub connections, one per result backend URL (a forked process makes its own)."""
+    if getattr(_local, "pid", None) != os.getpid():
+        _local.pubsubs, _local.pid = {}, os.getpid()
+    return _local.pubsubs
 
 
-def _drop_subscriber() -> None:
-    pubsub = getattr(_local, "pubsub", None)
-    _local.pubsub = None
+def _subscriber(backend: Any) -> Any:
+    """This thread's pubsub connection to the result backend."""
+    pubsubs = _subscribers()
+    if backend.url not in pubsubs:
+        pubsubs[backend.url] = backend.client.pubsub()
+    return pubsubs[backend.url]
+
+
+def _drop_subscriber(backend: Any) -> None:
+    pubsub = _subscribers().pop(backend.url, None)
     if pubsub is not None:
         with contextlib.suppress(Exception):  # it is being thrown away because it failed
             pubsub.close()
@@ -51,15 +55,16 @@ def _subscribe(pubsub: Any, channel: bytes, timeout_s: float) -> None:
             return
 
 
-def wait_result(request_id: str, timeout_s: float) -> Any:
-    """Block until the task finishes or timeout_s passes. Returns (state, result) or PENDING."""
-    backend = celery_app.backend
+def wait_result(backend: Any, request_id: str, timeout_s: float) -> Any:
+    """Block until the task finishes or timeout_s passes. Returns (state, result) or PENDING.
+
+    backend: Celery's Redis result backend (tasks.celery_app.result_backend)."""
     if timeout_s <= 0:
         meta = backend.get_task_meta(request_id)
         return (meta["status"], meta["result"]) if meta["status"] in states.READY_STATES else PENDING
     channel = backend.get_key_for_task(request_id)
     deadline = time.monotonic() + timeout_s
-    pubsub = _subscriber()
+    pubsub = _subscriber(backend)
     try:
         _subscribe(pubsub, channel, min(timeout_s, 5.0))
         meta = backend.get_task_meta(request_id)  # after subscribing: a result stored since is seen here or published
@@ -76,10 +81,10 @@ def wait_result(request_id: str, timeout_s: float) -> Any:
                 meta = backend.decode_result(message["data"])  # the backend publishes what it stores
         return meta["status"], meta["result"]
     except Exception:
-        _drop_subscriber()
+        _drop_subscriber(backend)
         raise
     finally:
-        if getattr(_local, "pubsub", None) is pubsub:
+        if _subscribers().get(backend.url) is pubsub:
             pubsub.unsubscribe(channel)  # no wait: its confirmation and any late message are skipped next time
 
 

@@ -1,27 +1,24 @@
 """Operations face: `GET /metrics` (Prometheus), `GET /` (a self-refreshing status page) and `GET /status.json`.
 
-Every number lives in Redis, so any number of API processes (gunicorn workers) report the same totals.
+Request counts and latencies are prometheus_client metrics, summed over gunicorn's processes by its multiprocess
+mode (api/gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR); everything else is read from Redis at scrape time, so
+any API process reports the same totals.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from api.auth import public
@@ -32,9 +29,6 @@ log = logging.getLogger("tinkerbell.api.ops")
 
 bp = Blueprint("ops", __name__)
 
-REQUESTS_KEY = P + "ops:requests"  # hash "method\troute\tstatus" -> count
-LATENCY_KEY = P + "ops:latency"  # hash "method\troute\tbucket index" -> count (not cumulative)
-LATENCY_SUM_KEY = P + "ops:latency_sum"  # hash "method\troute" -> seconds
 RECENT_KEY = P + "ops:recent"  # list of recent requests, newest first (no bodies, no keys)
 RECENT_MAX = 50
 # Seconds. retrieve_future long-polls for up to TINKERBELL_POLL_TIMEOUT_S, hence the long tail.
@@ -49,75 +43,51 @@ STATUS_HTML = Path(__file__).with_name("templates") / "status.html"
 
 # ---- request accounting -------------------------------------------------------------------------
 
+# Not in prometheus_client's default registry: each app's /metrics registry holds them, or in gunicorn the
+# multiprocess collector that reads every process's values.
+HTTP_REQUESTS = Counter(
+    "tinkerbell_http_requests", "HTTP requests answered, by method, route and status.", ["method", "route", "status"],
+    registry=None,
+)
+HTTP_LATENCY = Histogram(
+    "tinkerbell_http_request_duration_seconds",
+    "Time from request to response (long-polls included), by method and route.",
+    ["method", "route"], buckets=BUCKETS, registry=None,
+)
+
 
 def route_label() -> str:
     """The URL rule, never the raw path: bounded label values and no ids from the path."""
     return request.url_rule.rule if request.url_rule is not None else "<unmatched>"
 
 
-def bucket_index(seconds: float) -> int:
-    for index, bound in enumerate(BUCKETS):
-        if seconds <= bound:
-            return index
-    return len(BUCKETS) - 1
-
-
 @bp.after_app_request
 def record_request(response: Response) -> Response:
-    """Count the request by route and status and add its latency to the histogram.
-
-    The counts are written to Redis before the response goes out, so they are in Redis's input ahead of anything
-    a client does after reading it (a scrape on another API process included), but their replies are read only
-    after the response has been sent: the request does not wait for that round trip.
-    """
+    """Count the request by route and status and add its latency to the histogram; list it among the recent
+    requests once the response has been sent."""
     started = g.get("started")
     if started is None:
         return response
     seconds = max(0.0, time.perf_counter() - started)
     method, route, status = request.method, route_label(), response.status_code
-    commands: list[tuple[Any, ...]] = [
-        ("HINCRBY", REQUESTS_KEY, f"{method}\t{route}\t{status}", 1),
-        ("HINCRBY", LATENCY_KEY, f"{method}\t{route}\t{bucket_index(seconds)}", 1),
-        ("HINCRBYFLOAT", LATENCY_SUM_KEY, f"{method}\t{route}", repr(seconds)),
-    ]
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_LATENCY.labels(method, route).observe(seconds)
     if request.endpoint not in QUIET_ENDPOINTS:
-        entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": round(seconds * 1000, 1)}
-        commands += [("LPUSH", RECENT_KEY, json.dumps(entry, separators=(",", ":"))), ("LTRIM", RECENT_KEY, 0, RECENT_MAX - 1)]
-    replies = send_now(current_app.config["REGISTRY"].redis, commands)
-    if replies is not None:
-        response.call_on_close(replies)
+        ms = round(seconds * 1000, 1)
+        entry = {"time": time.time(), "method": method, "route": route, "status": status, "ms": ms}
+        response.call_on_close(functools.partial(remember_request, current_app.config["REGISTRY"].redis, entry))
     return response
 
 
-def send_now(client: redis.Redis, commands: list[tuple[Any, ...]]) -> Callable[[], None] | None:
-    """Write `commands` to Redis on a pooled connection and return the function that reads their replies (and
-    gives the connection back); None if they could not be sent. Metrics must never fail a request: errors are logged."""
-    pool = client.connection_pool
+def remember_request(client: redis.Redis, entry: dict[str, Any]) -> None:
+    """Add a request to the status page's recent list in Redis (shared by every API process). Never fails."""
     try:
-        connection = pool.get_connection()
+        with client.pipeline(transaction=False) as pipe:
+            pipe.lpush(RECENT_KEY, json.dumps(entry, separators=(",", ":")))
+            pipe.ltrim(RECENT_KEY, 0, RECENT_MAX - 1)
+            pipe.execute()
     except redis.RedisError:
-        log.warning("could not record request metrics", exc_info=True)
-        return None
-    try:
-        connection.send_packed_command(connection.pack_commands(commands))
-    except redis.RedisError:
-        log.warning("could not record request metrics", exc_info=True)
-        pool.release(connection)  # send_packed_command disconnected it: the pool reconnects on next use
-        return None
-
-    def read_replies() -> None:
-        try:
-            for _ in commands:
-                reply = connection.read_response(disconnect_on_error=True)
-                if isinstance(reply, Exception):
-                    raise reply
-        except redis.RedisError:
-            log.warning("could not record request metrics", exc_info=True)
-            connection.disconnect()
-        finally:
-            pool.release(connection)
-
-    return read_replies
+        log.warning("could not record a recent request", exc_info=True)
 
 
 # ---- reading the state ----------------------------------------------------------------------------
@@ -156,11 +126,9 @@ def queue_depths(broker: redis.Redis, workers: list[dict[str, Any]]) -> dict[str
     return {name: int(depth) for name, depth in zip(ordered, depths) if isinstance(depth, int)}  # a non-list key is no queue
 
 
-def pending_futures(registry: Registry) -> int:
-    """Futures accepted but without a result yet; the finished ones are pruned from the set as they are seen."""
-    from tasks.celery_app import app as celery_app
-
-    backend = celery_app.backend
+def pending_futures(registry: Registry, backend: Any) -> int:
+    """Futures accepted but without a result yet; the finished ones are pruned from the set as they are seen.
+    backend: the Celery app's result backend."""
     client = registry.redis
     client.zremrangebyscore(PENDING_FUTURES, "-inf", time.time() - 7 * 86400)  # results expire after 7 days
     ids = client.zrange(PENDING_FUTURES, 0, -1)
@@ -182,11 +150,8 @@ def snapshot(app: Flask) -> dict[str, Any]:
     return {
         "workers": workers,
         "queues": queue_depths(broker_client(app), workers),
-        "futures_pending": pending_futures(registry),
+        "futures_pending": pending_futures(registry, app.config["SERVICE"].results),
         "stats": registry.stats(),
-        "requests": registry.redis.hgetall(REQUESTS_KEY),
-        "latency": registry.redis.hgetall(LATENCY_KEY),
-        "latency_sum": registry.redis.hgetall(LATENCY_SUM_KEY),
     }
 
 
@@ -199,7 +164,8 @@ def worker_device(worker: dict[str, Any]) -> str:
 
 
 class RedisCollector(Collector):
-    """Builds every metric family from one snapshot of Redis at scrape time."""
+    """Builds the state's metric families (queues, futures, workers, token counters) from one snapshot of Redis at
+    scrape time."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
@@ -215,29 +181,7 @@ class RedisCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        yield from self._requests(snap)
         yield from self._state(snap)
-
-    def _requests(self, snap: dict[str, Any]) -> Iterator[Metric]:
-        requests_total = CounterMetricFamily("tinkerbell_http_requests", "HTTP requests answered, by method, route and status.", labels=["method", "route", "status"])
-        for field, count in sorted(snap["requests"].items()):
-            method, route, status = field.split("\t")
-            requests_total.add_metric([method, route, status], float(count))
-        yield requests_total
-
-        counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
-        for field, count in snap["latency"].items():
-            method, route, index = field.split("\t")
-            if int(index) < len(BUCKETS):
-                counts[(method, route)][int(index)] += int(count)
-        latency = HistogramMetricFamily("tinkerbell_http_request_duration_seconds", "Time from request to response (long-polls included), by method and route.", labels=["method", "route"])
-        for (method, route), per_bucket in sorted(counts.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(BUCKETS, per_bucket):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            latency.add_metric([method, route], buckets, float(snap["latency_sum"].get(f"{method}\t{route}", 0.0)))
-        yield latency
 
     def _state(self, snap: dict[str, Any]) -> Iterator[Metric]:
         depth = GaugeMetricFamily("tinkerbell_queue_depth", "Messages waiting in each broker queue (adapter.<model_id>, worker.<name>, sample.<base_model>).", labels=["queue", "kind"])
@@ -265,16 +209,31 @@ class RedisCollector(Collector):
 
 @bp.record_once
 def _make_registry(state: Any) -> None:
-    """A private CollectorRegistry per app: nothing from the process-global default registry leaks in."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(state.app))
-    state.app.extensions["tinkerbell_metrics"] = registry
+    """Private CollectorRegistries per app (nothing from the process-global default registry leaks in): the HTTP
+    metrics, from every gunicorn process when there is a multiprocess directory, and those plus the Redis state."""
+    settings: Settings = state.app.config["SETTINGS"]
+    http = CollectorRegistry(auto_describe=False)
+    if settings.metrics_dir:
+        multiprocess.MultiProcessCollector(http, path=settings.metrics_dir)
+    else:  # one process (python -m api, tests' create_app): this process's values are all there are
+        http.register(HTTP_REQUESTS)
+        http.register(HTTP_LATENCY)
+    everything = CollectorRegistry(auto_describe=False)
+    everything.register(http)
+    everything.register(RedisCollector(state.app))
+    state.app.extensions["tinkerbell_metrics"] = {"http": http, "all": everything}
+
+
+def requests_answered(app: Flask) -> int:
+    """HTTP requests answered so far, over every API process."""
+    families = app.extensions["tinkerbell_metrics"]["http"].collect()
+    return int(sum(s.value for f in families for s in f.samples if s.name == "tinkerbell_http_requests_total"))
 
 
 @bp.get("/metrics")
 @public
 def metrics() -> Response:
-    body = generate_latest(current_app.extensions["tinkerbell_metrics"])
+    body = generate_latest(current_app.extensions["tinkerbell_metrics"]["all"])
     return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"})
 
 
@@ -314,7 +273,7 @@ def status_document(app: Flask) -> dict[str, Any]:
             "workers_alive": len(workers),
             "adapters": sum(w["adapters"] for w in workers),
             "futures_pending": snap["futures_pending"],
-            "requests": sum(int(v) for v in snap["requests"].values()),
+            "requests": requests_answered(app),
             "tokens_trained": int(stats.get("tokens_trained", 0)),
             "tokens_sampled": int(stats.get("tokens_sampled", 0)),
         },

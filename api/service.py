@@ -6,13 +6,19 @@ Never imports torch (DESIGN rule 1).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import logging
 import re
 import time
 import uuid
 from dataclasses import asdict
 from typing import Any
+
+import msgpack
+from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from api import validate
 from api.custom_losses import custom_loss_name, resolve_custom_loss
@@ -20,30 +26,82 @@ from api.futures import PENDING, wait_result
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
 from backends.models import is_known_model
 from core.errors import NotFound, UserError
-from core.registry import Registry
+from core.registry import OUTBOX_GRACE_S, Outgoing, Registry
 from core.settings import Settings
-from tasks.celery_app import adapter_queue, sample_queue, task_message, worker_queue
+from tasks.celery_app import adapter_queue, sample_queue, worker_queue
+
+log = logging.getLogger("tinkerbell.api")
 
 EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiting for
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 BUILTIN_TTL_S = 10.0
+SWEEP_EVERY_S = 5.0  # how often one API process looks for admitted requests an API process died before publishing
+
+
+def encode_message(task: str, kwargs: dict[str, Any], kwargsrepr: str) -> str:
+    """What the registry keeps of a request until it is on the broker: the task, its arguments (msgpack: arrays are
+    bytes) and the short, readable argument summary Flower shows instead of them (never raw token arrays)."""
+    return base64.b64encode(msgpack.packb([task, kwargs, kwargsrepr], use_bin_type=True)).decode()
+
+
+def decode_message(message: str) -> tuple[str, dict[str, Any], str]:
+    """(task name, kwargs, kwargsrepr) of an encode_message."""
+    task, kwargs, kwargsrepr = msgpack.unpackb(base64.b64decode(message), raw=False)
+    return task, kwargs, kwargsrepr
 
 
 class Service:
     """Stateless operations over the registry and the broker; one per app."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, celery: Celery, results: RedisBackend) -> None:
+        """celery: the app that publishes; results: Celery's result backend the futures are read from."""
         self.settings = settings
         self.registry = registry
+        self.celery = celery
+        self.results = results
         self._builtin_losses: set[str] = set()
         self._builtin_read_at = float("-inf")
+        self._swept_at = float("-inf")
 
     # ---- publishing -----------------------------------------------------------------------
-    def _message(self, task: str, kwargs: dict[str, Any], queue: str, request_id: str, summary: dict[str, Any]) -> str:
-        """The broker message for a task, with a short, readable argument summary for Flower (never raw token
-        arrays)."""
-        return task_message(task, kwargs, request_id, queue, json.dumps(summary))
+    def _send(self, outgoing: list[Outgoing], own: dict[str, tuple[str, dict[str, Any], str]] | None = None) -> None:
+        """Publish each request with Celery's send_task (task id = request id) in this order, then mark them published.
+
+        own: the requests this call made, by request id, so their messages need not be decoded again. One that
+        fails to publish stays in the registry's outbox and the sweep publishes it later.
+        """
+        sent = []
+        try:
+            for item in outgoing:
+                task, kwargs, kwargsrepr = (own or {}).get(item.request_id) or decode_message(item.message)
+                self.celery.send_task(
+                    task, kwargs=kwargs, task_id=item.request_id, queue=item.queue, argsrepr="()", kwargsrepr=kwargsrepr
+                )
+                sent.append(item.request_id)
+        finally:
+            self.registry.mark_published(sent)
+
+    def sweep(self, older_than_s: float = OUTBOX_GRACE_S) -> int:
+        """Publish again what was admitted but is still not marked published older_than_s later: an API process
+        died between admitting and publishing it. Returns how many. A request published twice is applied once
+        (DESIGN rule 3); a sample may be computed twice, and its first stored result stands."""
+        claimed = self.registry.claim_unpublished(older_than_s)
+        if claimed:
+            log.warning("publishing %d admitted request(s) never published: %s", len(claimed),
+                        ", ".join(item.request_id for item in claimed))
+            self._send(claimed)
+        return len(claimed)
+
+    def _sweep_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self._swept_at < SWEEP_EVERY_S:
+            return
+        self._swept_at = now
+        try:
+            self.sweep()
+        except Exception:  # the request that happened to trigger the sweep is not its concern
+            log.exception("outbox sweep failed")
 
     def publish(
         self,
@@ -56,11 +114,11 @@ class Service:
         request_id: str,
         summary: dict[str, Any],
     ) -> None:
-        """Record the future of a task that needs no ordering (create an adapter, sample) and publish it, in one
-        step."""
-        self.registry.push(
-            queue, self._message(task, kwargs, queue, request_id, summary), request_id, owner, kind, model_id
-        )
+        """Record the future of a task that needs no ordering (create an adapter, sample), then publish it."""
+        own = (task, kwargs, json.dumps(summary))
+        outgoing = self.registry.push(queue, encode_message(*own), request_id, owner, kind, model_id)
+        self._send([outgoing], {request_id: own})
+        self._sweep_now_and_then()
 
     def submit_ordered(
         self,
@@ -72,20 +130,22 @@ class Service:
         kind: str,
         summary: dict[str, Any],
     ) -> str:
-        """Admit a request that touches the owner's model: published in seq_id order, each seq_id once (one atomic
-        script, which also checks the model is the owner's)."""
+        """Admit a request that touches the owner's model (one atomic script, which also checks the model is the
+        owner's and releases each seq_id once, in order), then publish what it made ready, in seq_id order."""
         seq_id = validate.seq_id(seq_id)
         if seq_id is None:
             seq_id = self.registry.next_seq(model_id, owner)
         request_id = str(uuid.uuid4())
+        own = (task, {**kwargs, "seq_id": seq_id}, json.dumps({**summary, "seq_id": seq_id}))
         queue = adapter_queue(model_id)
-        message = self._message(task, {**kwargs, "seq_id": seq_id}, queue, request_id, {**summary, "seq_id": seq_id})
-        answer_id = self.registry.submit(model_id, seq_id, request_id, message, queue, owner, kind)
+        answer_id, ready = self.registry.submit(model_id, seq_id, request_id, encode_message(*own), queue, owner, kind)
         if answer_id.startswith(EXPIRED):
             raise UserError(
                 f"seq_id {seq_id}: arrived after {model_id}'s later requests waited "
                 f"{self.settings.seq_gap_timeout_s:g} s for it and ran without it"
             )
+        self._send(ready, {request_id: own})
+        self._sweep_now_and_then()
         return answer_id
 
     def skip_seq(self, owner: str, model_id: str, seq_id: int) -> None:
@@ -94,12 +154,16 @@ class Service:
         The Tinker SDK numbers requests on the client without gaps; one it could not submit still reserved its id.
         """
         with contextlib.suppress(NotFound):
-            self.registry.submit(model_id, seq_id, f"refused-{uuid.uuid4()}", "", adapter_queue(model_id), owner)
+            refused = f"refused-{uuid.uuid4()}"
+            _, ready = self.registry.submit(model_id, seq_id, refused, "", adapter_queue(model_id), owner)
+            self._send(ready)
 
     def release_stalled(self, model_id: str) -> None:
         """Requests held behind a seq_id that never came (a client gave up on it) run without it after a timeout."""
         for seq_id in self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s):
-            self.registry.submit(model_id, seq_id, f"{EXPIRED}{uuid.uuid4()}", "", adapter_queue(model_id), None)
+            expired = f"{EXPIRED}{uuid.uuid4()}"
+            _, ready = self.registry.submit(model_id, seq_id, expired, "", adapter_queue(model_id), None)
+            self._send(ready)
 
     def is_builtin_loss(self, name: str) -> bool:
         """From the catalog the workers publish, re-read at most every BUILTIN_TTL_S (built-ins change only when
@@ -110,10 +174,13 @@ class Service:
         return name in self._builtin_losses
 
     def poll(self, future: dict[str, Any], request_id: str, timeout_s: float) -> Any:
-        """Long-poll one future (api.futures.wait_result); a pending ordered request may be stalled behind a gap."""
-        outcome = wait_result(request_id, timeout_s)
-        if outcome is PENDING and future.get("model_id"):
-            self.release_stalled(future["model_id"])
+        """Long-poll one future (api.futures.wait_result). A pending ordered request may be stalled behind a gap, and
+        a pending one may have been admitted by an API process that died before publishing it (the sweep)."""
+        outcome = wait_result(self.results, request_id, timeout_s)
+        if outcome is PENDING:
+            if future.get("model_id"):
+                self.release_stalled(future["model_id"])
+            self._sweep_now_and_then()
         return outcome
 
     # ---- sessions and models --------------------------------------------------------------

@@ -11,9 +11,8 @@ import json
 import secrets
 import time
 import uuid
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import redis
 
@@ -51,19 +50,26 @@ local function record_future(key, pending, request_id, owner, kind, model_id, no
 end
 """
 
-# Admission of one request of a model, and the publishing of every request it makes ready, in one atomic script:
-# nothing can run out of seq_id order, and no crash between "admitted" and "published" can lose a request.
-# KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> broker message; '' = nothing to
-#       run), 4 next seq counter, 5 held-since hash, 6 the future's hash, 7 pending-futures zset, 8 the adapter's
-#       queue (a list in the broker's db), 9 the model's record.
-# ARGV: 1 seq_id, 2 request id, 3 broker message, 4 broker db, 5 now, 6 the owner the model must have (JSON;
-#       '' = no check), 7 the future's kind (JSON; '' = record no future), 8 model_id (JSON), 9 future ttl seconds,
+# Requests admitted but not yet known to be on the broker: api/ publishes each with Celery's send_task, then marks
+# it published; one left here past OUTBOX_GRACE_S (the API died between the two) is published again by a sweep.
+OUTBOX = P + "outbox"  # hash request_id -> JSON [queue, message]
+OUTBOX_DUE = P + "outbox:due"  # zset request_id -> when it became ready (or was last claimed by a sweep)
+OUTBOX_GRACE_S = 10.0
+
+# Admission of one request of a model, in one atomic script: nothing is released out of seq_id order, and every
+# request it releases goes into the outbox before the script returns, so no crash can lose one.
+# KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> message; '' = nothing to run),
+#       4 next seq counter, 5 held-since hash, 6 the future's hash, 7 pending-futures zset, 8 the outbox hash,
+#       9 the outbox's due zset, 10 the model's record.
+# ARGV: 1 seq_id, 2 request id, 3 message, 4 queue, 5 now, 6 the owner the model must have (JSON; '' = no check),
+#       7 the future's kind (JSON; '' = record no future), 8 model_id (JSON), 9 future ttl seconds,
 #       10 pending-futures cap.
-# Returns {request id to answer with, number of messages pushed}; a seq_id seen before answers with its first id;
-# {'', -1} when the model is not the owner's (or was removed).
+# Returns {request id to answer with, status, then request id and message of each request now ready, in seq_id
+# order (the message is '' for this call's own request: the caller has it)}; status 1: admitted, 0: a seq_id seen
+# before (it answers with its first id), -1: the model is not the owner's (or was removed).
 _SUBMIT_LUA = _FUTURE_LUA + """
 if ARGV[6] ~= '' then
-  local model = redis.call('HMGET', KEYS[9], 'owner', 'deleted')
+  local model = redis.call('HMGET', KEYS[10], 'owner', 'deleted')
   if model[1] ~= ARGV[6] or model[2] == 'true' then return {'', -1} end
 end
 local seq = ARGV[1]
@@ -71,34 +77,57 @@ local existing = redis.call('HGET', KEYS[1], seq)
 if existing then return {existing, 0} end
 redis.call('HSET', KEYS[1], seq, ARGV[2])
 redis.call('ZADD', KEYS[2], seq, seq)
-if ARGV[7] ~= '' then record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10]) end
+if ARGV[7] ~= '' then
+  record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10])
+end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
 local first = tonumber(redis.call('GET', KEYS[4]) or '1')
 local nxt = first
-local ready = {}
+local out = {ARGV[2], 1}
 while true do
   local raw = redis.call('HGET', KEYS[3], tostring(nxt))
   if not raw then break end
   redis.call('HDEL', KEYS[3], tostring(nxt))
-  if raw ~= '' then table.insert(ready, raw) end
+  if raw ~= '' then
+    local request_id = redis.call('HGET', KEYS[1], tostring(nxt))
+    redis.call('HSET', KEYS[8], request_id, cjson.encode({ARGV[4], raw}))
+    redis.call('ZADD', KEYS[9], ARGV[5], request_id)
+    table.insert(out, request_id)
+    if request_id == ARGV[2] then table.insert(out, '') else table.insert(out, raw) end
+  end
   nxt = nxt + 1
 end
 redis.call('SET', KEYS[4], nxt)
 if nxt > first then redis.call('DEL', KEYS[5]) else redis.call('HSETNX', KEYS[5], 't', ARGV[5]) end
-if #ready > 0 then
-  redis.call('SELECT', tonumber(ARGV[4]))
-  for _, raw in ipairs(ready) do redis.call('LPUSH', KEYS[8], raw) end
-end
-return {ARGV[2], #ready}
+return out
 """
 
-# A request that needs no ordering (create an adapter, sample): record its future, then push its message.
-# KEYS: 1 the future's hash, 2 pending-futures zset, 3 a queue (a list in the broker's db).
-# ARGV: 1 broker db, 2 broker message, 3 request id, 4-6 owner/kind/model_id (JSON), 7 now, 8 ttl, 9 cap.
+# A request that needs no ordering (create an adapter, sample): record its future and put it in the outbox.
+# KEYS: 1 the future's hash, 2 pending-futures zset, 3 the outbox hash, 4 the outbox's due zset.
+# ARGV: 1 queue, 2 message, 3 request id, 4-6 owner/kind/model_id (JSON), 7 now, 8 ttl, 9 cap.
 _PUSH_LUA = _FUTURE_LUA + """
 record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
-redis.call('SELECT', tonumber(ARGV[1]))
-return redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], cjson.encode({ARGV[1], ARGV[2]}))
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[3])
+return 1
+"""
+
+# The outbox entries that became ready before a cutoff, claimed (their time set to now, so that another API
+# process sweeping at the same moment does not take them too). KEYS: 1 outbox hash, 2 due zset.
+# ARGV: 1 cutoff, 2 now, 3 most to claim. Returns request id, [queue, message] JSON, request id, ...
+_CLAIM_LUA = """
+local out = {}
+for _, request_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
+  local entry = redis.call('HGET', KEYS[1], request_id)
+  if entry then
+    redis.call('ZADD', KEYS[2], ARGV[2], request_id)
+    table.insert(out, request_id)
+    table.insert(out, entry)
+  else
+    redis.call('ZREM', KEYS[2], request_id)
+  end
+end
+return out
 """
 
 # The seq_id for a request that brings none: next after everything admitted or handed out so far.
@@ -116,11 +145,13 @@ return seq
 """
 
 
-def redis_server_and_db(url: str) -> tuple[tuple[str, int], int]:
-    parsed = urlparse(url)
-    db = parsed.path.lstrip("/") or parse_qs(parsed.query).get("db", ["0"])[0]
-    host = parsed.hostname or "localhost"
-    return ("127.0.0.1" if host == "localhost" else host, parsed.port or 6379), int(db or 0)
+@dataclass(frozen=True)
+class Outgoing:
+    """A request to publish: its id (the Celery task id), its queue, and the message api/ made for it."""
+
+    request_id: str
+    queue: str
+    message: str
 
 
 def _check_owned(record: dict[str, Any] | None, kind: str, key: str, owner: str, what: str) -> dict[str, Any]:
@@ -274,28 +305,58 @@ class Registry:
         return self._owned("future", request_id, owner, "request_id")
 
     # ---- per-model ordering (DESIGN rule 3) -----------------------------------------------
-    def submit(self, model_id: str, seq_id: int, request_id: str, message: str, queue: str, owner: str | None, kind: str | None = None) -> str:
-        """Admit request `seq_id` of a model and push onto its queue every message that is now next in order.
+    def submit(
+        self, model_id: str, seq_id: int, request_id: str, message: str, queue: str, owner: str | None,
+        kind: str | None = None,
+    ) -> tuple[str, list[Outgoing]]:
+        """Admit request `seq_id` of a model; returns the request id to answer with and the requests now ready.
 
-        Returns the request id to answer with: `request_id`, or the first one's if this seq_id was seen before
-        (a re-send applies once). A seq_id ahead of the next expected waits here until the gap fills.
-        message: the broker message (tasks.celery_app.task_message), or "" for a seq_id that runs nothing.
+        The answer is `request_id`, or the first one's if this seq_id was seen before (a re-send applies once).
+        A seq_id ahead of the next expected waits here until the gap fills. The ready requests (this one and any
+        it released, in seq_id order) are in the outbox: publish each, then `mark_published`.
+        message: what api/ publishes for the request, or "" for a seq_id that runs nothing.
         owner: NotFound unless the model is this owner's (None: no check, for the service's own bookkeeping).
         kind: record the newly admitted request's future, of this kind, for the owner.
         """
         base = P + f"seq:{model_id}"
-        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since", P + f"future:{request_id}", PENDING_FUTURES, queue, P + f"model:{model_id}"]
-        args = [str(seq_id), request_id, message, self.broker_db, time.time(), "" if owner is None else _dumps(owner), "" if kind is None else _dumps(kind), _dumps(model_id), FUTURE_TTL_S, PENDING_FUTURES_MAX]
-        answer_id, pushed = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
-        if pushed == -1:
+        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since",
+                P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE, P + f"model:{model_id}"]
+        args = [str(seq_id), request_id, message, queue, time.time(), "" if owner is None else _dumps(owner),
+                "" if kind is None else _dumps(kind), _dumps(model_id), FUTURE_TTL_S, PENDING_FUTURES_MAX]
+        answer_id, status, *ready = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
+        if status == -1:
             raise NotFound(f"model_id: no such model '{model_id}'")
-        return answer_id
+        pairs = zip(ready[::2], ready[1::2])
+        return answer_id, [Outgoing(rid, queue, raw or message) for rid, raw in pairs]
 
-    def push(self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None) -> None:
-        """Record a request's future and publish its broker message (tasks.celery_app.task_message), atomically."""
-        keys = [P + f"future:{request_id}", PENDING_FUTURES, queue]
-        args = [self.broker_db, message, request_id, _dumps(owner), _dumps(kind), _dumps(model_id), time.time(), FUTURE_TTL_S, PENDING_FUTURES_MAX]
+    def push(
+        self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None
+    ) -> Outgoing:
+        """Record a request's future and put it in the outbox, atomically: publish it, then `mark_published`."""
+        keys = [P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE]
+        args = [queue, message, request_id, _dumps(owner), _dumps(kind), _dumps(model_id), time.time(), FUTURE_TTL_S,
+                PENDING_FUTURES_MAX]
         self._script("_push", _PUSH_LUA)(keys=keys, args=args)
+        return Outgoing(request_id, queue, message)
+
+    def mark_published(self, request_ids: list[str]) -> None:
+        """These requests are on the broker: out of the outbox."""
+        if request_ids:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(OUTBOX, *request_ids)
+                pipe.zrem(OUTBOX_DUE, *request_ids)
+                pipe.execute()
+
+    def claim_unpublished(self, older_than_s: float = OUTBOX_GRACE_S, limit: int = 100) -> list[Outgoing]:
+        """Outbox entries ready longer than older_than_s and still not marked published, oldest first, claimed for
+        this caller for another older_than_s (a sweep publishes them again)."""
+        now = time.time()
+        flat = self._script("_claim", _CLAIM_LUA)(keys=[OUTBOX, OUTBOX_DUE], args=[now - older_than_s, now, limit])
+        claimed = []
+        for request_id, entry in zip(flat[::2], flat[1::2]):
+            queue, message = json.loads(entry)
+            claimed.append(Outgoing(request_id, queue, message))
+        return claimed
 
     def next_seq(self, model_id: str, owner: str) -> int:
         """Hand out the seq_id for a request that came without one (native callers that do not number)."""
@@ -304,15 +365,6 @@ class Registry:
         if seq < 0:
             raise NotFound(f"model_id: no such model '{model_id}'")
         return seq
-
-    @cached_property
-    def broker_db(self) -> int:
-        """The broker's db on this registry's Redis server (submit pushes onto queues there, atomically)."""
-        server, db = redis_server_and_db(self.settings.broker_url)
-        registry_server, _ = redis_server_and_db(self.settings.registry_url)
-        if server != registry_server:
-            raise ValueError(f"TINKERBELL_REDIS_URL must name the broker's Redis server ({self.settings.broker_url}); another db on it is fine")
-        return db
 
     def stalled_gap(self, model_id: str, older_than_s: float) -> list[int]:
         """seq_ids missing in front of requests held longer than older_than_s (empty when nothing is stalled)."""

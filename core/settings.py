@@ -1,6 +1,6 @@
 """The one place that reads TINKERBELL_* environment variables (and the original sketch's aliases).
 
-Defaults run on a laptop. `Settings.from_env()` is cheap; call it where you need a value.
+Defaults run on a laptop. A program makes one `Settings.from_env()` where it starts and passes it to what it builds.
 """
 
 from __future__ import annotations
@@ -22,15 +22,25 @@ class Settings:
 
     broker_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"env": "TINKERBELL_BROKER_URL", "help": "Celery broker (Redis)."})
     result_backend: str = field(default="", metadata={"env": "TINKERBELL_RESULT_BACKEND", "help": "Celery result backend; empty means the broker URL."})
-    redis_url: str = field(default="", metadata={"env": "TINKERBELL_REDIS_URL", "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL. Must be on the broker's Redis server (another db is fine): requests are admitted and queued in one script."})
+    redis_url: str = field(default="", metadata={
+        "env": "TINKERBELL_REDIS_URL", "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL."})
     data_dir: str = field(default=".data", metadata={"env": "TINKERBELL_DATA_DIR", "help": "Checkpoints and converted models; every worker must be able to read it."})
     models_dir: str = field(default="", metadata={"env": "TINKERBELL_MODELS_DIR", "help": "Extra directory searched first for base models (<org>/<name> or <org>--<name>)."})
     device: str = field(default="cpu", metadata={"env": "TINKERBELL_DEVICE", "help": "Worker device: cpu or cuda:N."})
+    physical_device: str = field(default="", metadata={
+        "env": "TINKERBELL_PHYSICAL_DEVICE",
+        "help": "The device a worker shows on the status page and in /metrics; tasks.worker sets it to --device before "
+                "it pins CUDA_VISIBLE_DEVICES (the worker then sees cuda:0). Empty means TINKERBELL_DEVICE."})
     worker_name: str = field(default="", metadata={"env": "TINKERBELL_WORKER_NAME", "help": "Worker name (queue worker.<name>); empty means derived from the device."})
     base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"env": "TINKERBELL_BASE_MODEL", "help": "Default base model."})
     base_models: str = field(default="", metadata={"env": "TINKERBELL_BASE_MODELS", "help": "Comma-separated base models a worker loads at start; empty means the default one."})
     host: str = field(default="127.0.0.1", metadata={"env": "TINKERBELL_HOST", "help": "API bind address."})
     port: int = field(default=8000, metadata={"env": "TINKERBELL_PORT", "alias": "PORT", "help": "API port."})
+    metrics_dir: str = field(default="", metadata={
+        "env": "PROMETHEUS_MULTIPROC_DIR",
+        "help": "prometheus_client's multiprocess directory: each gunicorn process of the API writes its request "
+                "metrics there for /metrics to sum. api/gunicorn_conf.py makes a fresh one when it is not set, and "
+                "empties it when it starts."})
     public_url: str = field(default="", metadata={"env": "TINKERBELL_PUBLIC_URL", "help": "URL clients reach the API at (download links); empty means http://host:port."})
     auth: bool = field(default=True, metadata={"env": "TINKERBELL_AUTH", "help": "API keys required. off: single-user mode, any tml- key is accepted."})
     allow_custom_code: bool = field(default=False, metadata={"env": "TINKERBELL_ALLOW_CUSTOM_CODE", "help": "Allow uploading custom loss code (arbitrary code on workers) for keys with the custom_code scope."})

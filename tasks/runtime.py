@@ -1,7 +1,7 @@
 """What one worker process holds: its name, the Celery consumer (to add/cancel queues), the registry, the backends
 and the engine that runs every request on them (tasks/engine.py).
 
-Filled in by `tasks.worker` when the worker starts; tasks read it through the functions below.
+`tasks.worker.main()` configures it from the worker's Settings before the worker starts; tasks read it then.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import threading
 from typing import Any
 
+from celery import Celery
 from celery.signals import task_postrun
 
 from core.registry import Registry
@@ -21,8 +22,10 @@ log = logging.getLogger("tinkerbell.worker")
 
 
 class Runtime:
-    def __init__(self) -> None:
-        self.settings = Settings.from_env()
+    def configure(self, settings: Settings, celery: Celery) -> None:
+        """Everything the worker holds, made from its one Settings; celery: the app it runs (tasks.worker.main)."""
+        self.settings = settings
+        self.celery = celery
         self.name = self.settings.worker_name or "cpu0"
         self.registry = Registry(self.settings)
         self.consumer: Any = None
@@ -67,13 +70,11 @@ class Runtime:
 
     def _missing_seq_ids(self, model_id: str, after: int, before: int) -> list[int]:
         """seq_ids between after and before admitted for a request that has no stored result: still to come."""
-        from tasks.celery_app import app
-
         admitted = self.registry.admitted_between(model_id, after, before)
         real = {seq: rid for seq, rid in admitted.items() if rid and not rid.startswith(NOT_RUN)}
         if not real:
             return []
-        backend = app.backend
+        backend = self.celery.backend
         stored = backend.client.exists(*[backend.get_key_for_task(rid) for rid in real.values()]) if real else 0
         if stored == len(real):  # all finished (a redelivered copy skipped by Celery never reaches the engine)
             return []
@@ -150,7 +151,7 @@ class Runtime:
         return info
 
 
-runtime = Runtime()
+runtime = Runtime()  # configured by tasks.worker.main()
 
 
 @task_postrun.connect(weak=False)

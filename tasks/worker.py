@@ -45,7 +45,9 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     period = runtime.settings.heartbeat_s
     while not stop.is_set():
         try:
-            runtime.registry.register_worker(runtime.name, {**runtime.status(), "pid": os.getpid(), "host": socket.gethostname(), "physical_device": os.environ.get("TINKERBELL_PHYSICAL_DEVICE", "")}, ttl_s=3 * period)
+            info = {**runtime.status(), "pid": os.getpid(), "host": socket.gethostname(),
+                    "physical_device": runtime.settings.physical_device or runtime.settings.device}
+            runtime.registry.register_worker(runtime.name, info, ttl_s=3 * period)
         except Exception:  # Redis briefly away: keep beating
             log.exception("heartbeat failed")
         stop.wait(period)
@@ -93,11 +95,11 @@ def _restore_requests_in_flight(runtime: Any, owned: list[str]) -> None:
     """Requests this worker had taken but not finished when it last stopped (killed, machine lost) go back to the
     front of their queues now, not after the broker's visibility timeout: nothing is consumed yet at worker_ready."""
     from tasks.broker import restore_own_unacked
-    from tasks.celery_app import adapter_queue, app, worker_queue
+    from tasks.celery_app import adapter_queue, worker_queue
 
     queues = {worker_queue(runtime.name)} | {adapter_queue(model_id) for model_id in owned}
     try:
-        with app.connection_for_write() as connection:
+        with runtime.celery.connection_for_write() as connection:
             restored = restore_own_unacked(connection, queues)
     except Exception:  # the broker's own restore still brings them back after the visibility timeout
         log.exception("could not restore the requests in flight when this worker last stopped")
@@ -136,33 +138,39 @@ def tune_malloc() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from dataclasses import replace
+
+    from core.settings import Settings
+
+    env = Settings.from_env()  # the worker's one read of the environment; the command line overrides it
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default=os.environ.get("TINKERBELL_DEVICE", "cpu"), help="cpu or cuda:N")
-    parser.add_argument("--name", default=os.environ.get("TINKERBELL_WORKER_NAME", ""), help="readable worker name (queue worker.<name>)")
-    parser.add_argument("--role", default=os.environ.get("TINKERBELL_ROLE", "train,sample"),
+    parser.add_argument("--device", default=env.device, help="cpu or cuda:N")
+    parser.add_argument("--name", default=env.worker_name, help="readable worker name (queue worker.<name>)")
+    parser.add_argument("--role", default=env.role,
                         help="train, sample or train,sample (default: both, so one worker runs everything)")
-    parser.add_argument("--tensor-parallel", type=int, default=int(os.environ.get("TINKERBELL_TENSOR_PARALLEL", "1")),
+    parser.add_argument("--tensor-parallel", type=int, default=env.tensor_parallel,
                         help="Megatron backend: ranks in this worker's tensor-parallel group, one per device in --device")
-    parser.add_argument("--loglevel", default=os.environ.get("TINKERBELL_LOG_LEVEL", "INFO"))
+    parser.add_argument("--loglevel", default=env.log_level)
     args, extra = parser.parse_known_args(argv)
     name = args.name or default_name(args.device)
-    os.environ["TINKERBELL_PHYSICAL_DEVICE"] = args.device
-    os.environ["TINKERBELL_DEVICE"] = pin_device(args.device)  # before anything imports torch
-    os.environ["TINKERBELL_WORKER_NAME"] = name
-    os.environ["TINKERBELL_ROLE"] = args.role
-    os.environ["TINKERBELL_TENSOR_PARALLEL"] = str(args.tensor_parallel)
+    settings = replace(
+        env, device=pin_device(args.device),  # before anything imports torch
+        physical_device=env.physical_device or args.device, worker_name=name, role=args.role,
+        tensor_parallel=args.tensor_parallel, log_level=args.loglevel,
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tune_malloc()
     logging.basicConfig(level=args.loglevel.upper(), format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", stream=sys.stdout)
 
     from celery import signals
 
-    from core.settings import Settings
-    from tasks.celery_app import app, worker_queue
+    from tasks.celery_app import app, config, worker_queue
+    from tasks.runtime import runtime
 
+    app.conf.update(config(settings))  # the module-level app the task modules register with, on these settings
+    runtime.configure(settings, app)
     signals.worker_ready.connect(_on_ready, weak=False)
     signals.worker_shutdown.connect(_on_shutdown, weak=False)
-    settings = Settings.from_env()
     if "sample" in settings.roles and settings.sampling_backend_name == "vllm":
         from backends.loader import BackendUnavailable
         from backends.vllm import require_vllm
@@ -171,6 +179,16 @@ def main(argv: list[str] | None = None) -> None:
             require_vllm()  # at start-up, not at the first sample request
         except BackendUnavailable as exc:
             raise SystemExit(f"worker {name}: {exc}") from exc
+    if "train" in settings.roles and settings.training_backend_name == "megatron":
+        import importlib.util
+
+        from backends.loader import TRAINING_BACKENDS
+
+        if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+            raise SystemExit(
+                f"worker {name}: training backend 'megatron' (USE_MEGATRON / TINKERBELL_TRAINING_BACKEND) needs "
+                f"megatron-core, which is not installed here: {TRAINING_BACKENDS['megatron'][2]}"
+            )
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
         f"--prefetch-multiplier={settings.worker_prefetch}", "-n", f"{name}@{socket.gethostname()}",

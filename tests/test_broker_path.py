@@ -1,24 +1,26 @@
-"""The request path below the API on a real Redis: the atomic submit script, the broker messages api/ builds
-instead of calling send_task, and the one-round-trip result store."""
+"""The request path below the API on a real Redis: the atomic admission script and its outbox, the messages Celery's
+send_task makes from them, the sweep that publishes what an API process died before publishing, the result
+backend's guarantees the long-poll relies on, and putting back a killed worker's unacked messages."""
 
 from __future__ import annotations
 
 import base64
 import json
-from typing import Any
 
 import msgpack
 import pytest
 import redis
-from celery import Celery
+from kombu import Connection
 
+from api.service import Service, decode_message, encode_message
 from core.errors import NotFound
-from core.registry import Registry
+from core.registry import OUTBOX, Registry
 from core.settings import Settings
-from tasks.celery_app import ResultBackend, adapter_queue, task_message
-from tasks.celery_app import app as celery_app
+from tasks.broker import restore_own_unacked
+from tasks.celery_app import adapter_queue, make_app, result_backend, sample_queue
 
 DB = 63  # the tests' redis-server has 64 dbs; stacks count up from 1
+MODEL = "s:train:0"
 
 
 @pytest.fixture
@@ -27,79 +29,114 @@ def url(redis_server) -> str:
     return redis_server.url(DB)
 
 
-def test_task_message_is_what_send_task_pushes(url: str) -> None:
-    queue = adapter_queue("s:train:0")
-    kwargs = {"model_id": "s:train:0", "seq_id": 3, "data": [{"tokens": b"\x01\x02"}]}
-    celery = Celery("tinkerbell", broker=url, backend=url, set_as_current=False)  # its own backend: send_task subscribes there
-    celery.conf.update(task_serializer=celery_app.conf.task_serializer, accept_content=celery_app.conf.accept_content)
-    celery.send_task("tinkerbell.forward_backward", kwargs=kwargs, task_id="by-celery", queue=queue, kwargsrepr='{"seq_id": 3}', argsrepr="()")
-    client = redis.Redis.from_url(url)
-    sent = json.loads(client.rpop(queue))
-    ours = json.loads(task_message("tinkerbell.forward_backward", kwargs, "by-celery", queue, '{"seq_id": 3}'))
-
-    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == {k: v for k, v in sent.items() if k not in ("body", "headers", "properties")}
-    assert msgpack.unpackb(base64.b64decode(ours["body"])) == msgpack.unpackb(base64.b64decode(sent["body"]))
-    assert {k: v for k, v in ours["headers"].items() if k != "origin"} == {k: v for k, v in sent["headers"].items() if k != "origin"}
-    for key in ("correlation_id", "delivery_mode", "delivery_info", "priority", "body_encoding"):
-        assert ours["properties"][key] == sent["properties"][key], key
-    assert ours["properties"]["delivery_tag"] != sent["properties"]["delivery_tag"]  # unique per message
-
-
-def model_registry(url: str, owner: str = "alice", model_id: str = "s:train:0") -> Registry:
+def model_registry(url: str, owner: str = "alice", model_id: str = MODEL) -> Registry:
     registry = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": url}))
     registry._put(f"model:{model_id}", {"owner": owner})
     return registry
 
 
-def test_submit_holds_a_gap_then_pushes_in_seq_order_once(url: str) -> None:
-    registry, queue = model_registry(url), adapter_queue("s:train:0")
-    client = redis.Redis.from_url(url, decode_responses=True)
+@pytest.fixture
+def service(url: str):
+    settings = Settings.from_env({"TINKERBELL_BROKER_URL": url})
+    celery = make_app(settings, results=False)
+    yield Service(settings, model_registry(url), celery, result_backend(celery, settings))
+    celery.close()
 
-    assert registry.submit("s:train:0", 2, "r2", "m2", queue, "alice", "forward_backward") == "r2"
-    assert client.llen(queue) == 0  # seq 1 has not arrived
-    assert registry.submit("s:train:0", 1, "r1", "m1", queue, "alice", "optim_step") == "r1"
-    assert [client.rpop(queue), client.rpop(queue)] == ["m1", "m2"]  # a worker's BRPOP takes them in seq order
 
-    assert registry.submit("s:train:0", 1, "r1-again", "m1-again", queue, "alice") == "r1"  # a re-send answers the first id
-    assert client.llen(queue) == 0
+def ids(outgoing: list) -> list[str]:
+    return [item.request_id for item in outgoing]
+
+
+def queued(url: str, queue: str) -> list[dict]:
+    """The broker messages on a queue, in the order a worker's BRPOP takes them."""
+    return [json.loads(raw) for raw in reversed(redis.Redis.from_url(url).lrange(queue, 0, -1))]
+
+
+def test_submit_holds_a_gap_then_releases_in_seq_order_once(url: str) -> None:
+    registry, queue = model_registry(url), adapter_queue(MODEL)
+
+    assert registry.submit(MODEL, 2, "r2", "m2", queue, "alice", "forward_backward") == ("r2", [])  # seq 1 missing
+    answer, ready = registry.submit(MODEL, 1, "r1", "m1", queue, "alice", "optim_step")
+    assert answer == "r1" and ids(ready) == ["r1", "r2"]  # in seq order, each with its own message
+    assert [(item.queue, item.message) for item in ready] == [(queue, "m1"), (queue, "m2")]
+    assert sorted(registry.redis.hkeys(OUTBOX)) == ["r1", "r2"]  # until api/ marks them published
+
+    assert registry.submit(MODEL, 1, "r1-again", "m1-again", queue, "alice") == ("r1", [])  # a re-send: first id
     assert registry.future("r2", "alice")["kind"] == "forward_backward"
     with pytest.raises(NotFound):
         registry.future("r1-again", "alice")
 
-    registry.submit("s:train:0", 4, "r4", "m4", queue, "alice")
-    registry.submit("s:train:0", 3, "skipped", "", queue, None)  # a refused seq_id runs nothing, releases what waits
-    assert client.lrange(queue, 0, -1) == ["m4"]
+    assert registry.submit(MODEL, 4, "r4", "m4", queue, "alice")[1] == []
+    _, ready = registry.submit(MODEL, 3, "skipped", "", queue, None)  # a refused seq_id runs nothing, releases the rest
+    assert ids(ready) == ["r4"]
+    registry.mark_published(["r1", "r2", "r4"])
+    assert registry.redis.hlen(OUTBOX) == 0 and registry.claim_unpublished(0.0) == []
 
 
 def test_submit_refuses_another_owners_or_a_removed_model(url: str) -> None:
-    registry, queue = model_registry(url), adapter_queue("s:train:0")
+    registry, queue = model_registry(url), adapter_queue(MODEL)
     with pytest.raises(NotFound, match="model_id"):
-        registry.submit("s:train:0", 1, "r1", "m1", queue, "mallory")
+        registry.submit(MODEL, 1, "r1", "m1", queue, "mallory")
     with pytest.raises(NotFound, match="model_id"):
-        registry.next_seq("s:train:0", "mallory")
-    registry._put("model:s:train:0", {"deleted": True})
+        registry.next_seq(MODEL, "mallory")
+    registry._put(f"model:{MODEL}", {"deleted": True})
     with pytest.raises(NotFound):
-        registry.submit("s:train:0", 1, "r1", "m1", queue, "alice")
-    assert redis.Redis.from_url(url).llen(queue) == 0
+        registry.submit(MODEL, 1, "r1", "m1", queue, "alice")
+    assert registry.redis.hlen(OUTBOX) == 0
 
 
 def test_next_seq_follows_everything_admitted_or_handed_out(url: str) -> None:
-    registry, queue = model_registry(url), adapter_queue("s:train:0")
-    registry.submit("s:train:0", 5, "r5", "m5", queue, "alice")
-    assert registry.next_seq("s:train:0", "alice") == 6
-    assert registry.next_seq("s:train:0", "alice") == 7
+    registry, queue = model_registry(url), adapter_queue(MODEL)
+    registry.submit(MODEL, 5, "r5", "m5", queue, "alice")
+    assert registry.next_seq(MODEL, "alice") == 6
+    assert registry.next_seq(MODEL, "alice") == 7
 
 
-def test_registry_must_live_on_the_brokers_server(url: str) -> None:
-    same_server = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": url, "TINKERBELL_REDIS_URL": url.rsplit("/", 1)[0] + "/5"}))
-    assert same_server.broker_db == DB
-    elsewhere = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": url, "TINKERBELL_REDIS_URL": "redis://10.255.255.1:6379/0"}))
-    with pytest.raises(ValueError, match="TINKERBELL_REDIS_URL"):
-        _ = elsewhere.broker_db
+def test_api_publishes_with_send_task_in_seq_order_and_flower_gets_a_summary(url: str, service: Service) -> None:
+    """What lands on the adapter's queue is Celery's own message for the task, its id the request id, its
+    arguments the real ones and its kwargsrepr the short summary; nothing is left in the outbox."""
+    data = [{"tokens": {"data": b"\x01\x00\x00\x00", "dtype": "int32", "shape": [1]}}]
+    step, fwdbwd = {"model_id": MODEL}, {"model_id": MODEL, "data": data}
+    held = service.submit_ordered("alice", MODEL, 2, "tinkerbell.optim_step", step, "optim_step", {"lr": 0.1})
+    assert queued(url, adapter_queue(MODEL)) == []  # seq 1 has not come
+    first = service.submit_ordered("alice", MODEL, 1, "tinkerbell.forward_backward", fwdbwd, "fwdbwd", {"batch": "1x1"})
+    messages = queued(url, adapter_queue(MODEL))
+    assert [m["headers"]["id"] for m in messages] == [first, held]
+    assert [m["headers"]["task"] for m in messages] == ["tinkerbell.forward_backward", "tinkerbell.optim_step"]
+    args, kwargs, _embed = msgpack.unpackb(base64.b64decode(messages[0]["body"]))
+    assert args == [] and kwargs == {"model_id": MODEL, "data": data, "seq_id": 1}
+    assert json.loads(messages[0]["headers"]["kwargsrepr"]) == {"batch": "1x1", "seq_id": 1}
+    assert messages[0]["headers"]["argsrepr"] == "()"
+    assert messages[0]["properties"]["delivery_info"]["routing_key"] == adapter_queue(MODEL)
+    assert service.registry.redis.hlen(OUTBOX) == 0
+    assert service.sweep(older_than_s=0.0) == 0
+
+
+def test_sweep_publishes_what_was_admitted_but_never_published(url: str, service: Service) -> None:
+    """An API process that dies between the admission script and send_task leaves the request in the outbox: a
+    sweep publishes it (once, whichever API process sweeps first), after the grace period only."""
+    registry, queue = service.registry, adapter_queue(MODEL)
+    message = encode_message("tinkerbell.optim_step", {"model_id": MODEL, "seq_id": 1}, '{"seq_id": 1}')
+    registry.submit(MODEL, 1, "lost", message, queue, "alice", "optim_step")  # ... and the process died here
+    sample = encode_message("tinkerbell.sample", {"num_samples": 1}, "{}")
+    registry.push(sample_queue("base"), sample, "lost-sample", "alice", "sample")
+    assert decode_message(message) == ("tinkerbell.optim_step", {"model_id": MODEL, "seq_id": 1}, '{"seq_id": 1}')
+
+    assert service.sweep() == 0  # within the grace period the process that admitted it may still be publishing
+    assert service.sweep(older_than_s=0.0) == 2
+    assert [m["headers"]["id"] for m in queued(url, queue)] == ["lost"]
+    assert [m["headers"]["id"] for m in queued(url, sample_queue("base"))] == ["lost-sample"]
+    assert service.sweep(older_than_s=0.0) == 0 and registry.redis.hlen(OUTBOX) == 0
+
+    registry.push(queue, message, "claimed", "alice", "optim_step")
+    assert ids(registry.claim_unpublished(0.0)) == ["claimed"]
+    assert registry.claim_unpublished(1.0) == []  # claimed by the first sweep: another one leaves it alone
 
 
 def test_result_store_never_overwrites_a_success_and_publishes_what_it_stores(url: str) -> None:
-    backend = ResultBackend(app=celery_app, url=url)
+    """api/futures.py relies on Celery's Redis backend for both."""
+    settings = Settings.from_env({"TINKERBELL_BROKER_URL": url})
+    backend = result_backend(make_app(settings), settings)
     key = backend.get_key_for_task("t1")
     pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(key)
@@ -119,42 +156,24 @@ def test_result_store_never_overwrites_a_success_and_publishes_what_it_stores(ur
     pubsub.close()
 
 
-def _unacked(client: redis.Redis, tag: str) -> tuple[Any, Any]:
-    return client.zscore("unacked_index", tag), client.hget("unacked", tag)
-
-
-def test_worker_transport_records_unacked_before_the_task_and_plain_kombu_restores_it(url: str) -> None:
-    """tasks.broker writes the unacked record without waiting for Redis's reply: the record must be in Redis when
-    the message is handed over (a task then runs), be kombu's own record (kombu's plain transport restores it
-    after a crash), and be gone after the ack."""
-    from kombu import Connection
-
+def test_a_restarted_worker_puts_back_only_its_own_queues_unacked_messages(url: str) -> None:
+    """kombu's own records of messages a killed worker had taken: restore_own_unacked puts those of the given
+    queues back where the next read takes them first, and leaves other queues' records alone."""
+    celery = make_app(Settings.from_env({"TINKERBELL_BROKER_URL": url}), results=False)
+    mine, other = adapter_queue("s:train:1"), adapter_queue("s:train:2")
+    for task_id, queue in (("taken", mine), ("behind", mine), ("elsewhere", other)):
+        celery.send_task("tinkerbell.optim_step", kwargs={}, task_id=task_id, queue=queue)
+    killed = Connection(url)  # a worker that takes a message from each queue, then dies without acking
+    channel = killed.channel()
+    taken = [channel.basic_get(queue, no_ack=False) for queue in (mine, other)]
+    assert [m.headers["id"] for m in taken] == ["taken", "elsewhere"]
     client = redis.Redis.from_url(url)
-    queue = adapter_queue("s:train:0")
-    ours = Connection(url, transport="tasks.broker:Transport")
-    plain = Connection(url, transport_options={"visibility_timeout": 0})
-    assert type(celery_app.connection_for_write().transport).__module__ == "tasks.broker"  # what workers run on
-    try:
-        channel = ours.channel()
-        assert channel.conn_or_acquire().__enter__() is channel.conn_or_acquire().__enter__()  # one client object
-        for n in range(2):
-            client.lpush(queue, task_message("tinkerbell.forward_backward", {"model_id": "s:train:0", "seq_id": n + 1, "data": []}, f"task-{n}", queue, "{}"))
+    assert client.hlen("unacked") == 2 and client.llen(mine) == 1
 
-        first = channel.basic_get(queue, no_ack=False)  # what a consumer gets right before running the task
-        tag = first.delivery_tag
-        score, record = _unacked(client, tag)
-        assert score is not None and record is not None, "the unacked record is not in Redis when the task starts"
-        raw, exchange, routing_key = json.loads(record)
-        assert (exchange, routing_key) == ("", queue) and raw["headers"]["id"] == "task-0"
-        first.ack()
-        assert _unacked(client, tag) == (None, None)
-
-        second = channel.basic_get(queue, no_ack=False)  # taken, then the worker "crashes": no ack
-        assert second.headers["id"] == "task-1" and _unacked(client, second.delivery_tag)[1] is not None
-        plain.default_channel.qos.restore_visible(num=10, interval=1)  # a plain kombu worker's periodic restore
-        assert _unacked(client, second.delivery_tag) == (None, None)
-        restored = plain.default_channel.basic_get(queue, no_ack=True)
-        assert restored.headers["id"] == "task-1" and restored.body == second.body
-    finally:
-        ours.release()
-        plain.release()
+    with Connection(url) as restarted:
+        assert restore_own_unacked(restarted, {mine, adapter_queue("s:train:9")}) == ["taken"]
+        assert client.hlen("unacked") == 1  # the other queue's record is its owner's business
+        first = restarted.default_channel.basic_get(mine, no_ack=True)
+        assert first.headers["id"] == "taken" and first.delivery_info["redelivered"]
+    killed.release()  # kombu's graceful close would have restored them itself
+    celery.close()

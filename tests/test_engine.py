@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import redis
 import tinker
 from tinker import types
 
@@ -122,11 +121,16 @@ def first_logprobs(result: dict, i: int = 0) -> np.ndarray:
 
 
 def publish_directly(stack, task: str, kwargs: dict, request_id: str, queue: str) -> None:
-    """Push a Celery message onto an adapter's queue without the API's ordering (as a redelivery or a race would)."""
-    from tasks.celery_app import task_message
+    """Publish a task onto an adapter's queue with Celery's send_task, without the API's ordering (as a redelivery
+    or a race would)."""
+    from core.settings import Settings
+    from tasks.celery_app import make_app
 
-    broker = redis.Redis.from_url(stack.redis.url(stack.db))
-    broker.lpush(queue, task_message(task, kwargs, request_id, queue, "{}"))
+    app = make_app(Settings.from_env(stack.env))
+    try:
+        app.send_task(task, kwargs=kwargs, task_id=request_id, queue=queue)
+    finally:
+        app.close()
 
 
 def test_out_of_order_delivery_runs_in_seq_order_and_a_resent_request_applies_once(engine_stack):

@@ -405,3 +405,15 @@ def test_sdk_trains_through_the_service_on_megatron_and_samples_from_it(make_sta
     trained = tc.forward([batch[0]], "cross_entropy").result(timeout=120).loss_fn_outputs[0]["logprobs"].tolist()
     np.testing.assert_allclose(np.asarray(sampled[1:], dtype=np.float32), np.asarray(trained, dtype=np.float32),
                                atol=1e-3)
+
+
+def test_a_megatron_worker_without_megatron_core_refuses_to_start_saying_how_to_install(tmp_path):
+    shadow = tmp_path / "megatron"  # a `megatron` package without `megatron.core`, ahead of the real one
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{_REPO}", "USE_MEGATRON": "true",
+           "TINKERBELL_BROKER_URL": "redis://127.0.0.1:9/0"}  # never reached: it must stop before connecting
+    proc = subprocess.run([sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", "nomegatron"], check=False,
+                          cwd=_REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "pip install megatron-core==0.16.1" in proc.stderr, proc.stderr[-2000:]

@@ -18,6 +18,8 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import TinkerbellClient
+from core.settings import Settings
+from tasks.celery_app import make_app
 from tests.stackutil import ROOT, Stack, free_port, wait_for
 
 ADAM = {"learning_rate": 1e-2}
@@ -41,10 +43,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def control_app(stack: Stack) -> Celery:
-    """A client-only Celery app on the stack's broker (tasks.celery_app.app is bound to another broker at import)."""
-    app = Celery("tinkerbell-ops-test", broker=stack.env["TINKERBELL_BROKER_URL"], backend=stack.env["TINKERBELL_BROKER_URL"])
-    app.conf.update(task_serializer="msgpack", accept_content=["msgpack", "json"], result_accept_content=["msgpack", "json"])
-    return app
+    """The service's Celery app, made from the stack's settings, as an operator's `celery -A tasks` would be."""
+    return make_app(Settings.from_env(stack.env))
 
 
 def node_name(worker: str) -> str:
@@ -198,6 +198,7 @@ def test_flower_lists_readable_tasks_without_arrays(stack: Stack, trained: dict,
         assert '"batch": "2x10"' in task["kwargs"] and "model_input" not in task["kwargs"] and "data" not in task["kwargs"]
         assert task["args"] == "()"
         assert "\\x" not in (task.get("result") or ""), task["result"]  # results are shortened too: no raw bytes
+        assert task["sent"], "no task-sent event: the API publishes with send_task and task_send_sent_event"
     workers = requests.get(flower + "/api/workers", auth=("ops", "secret"), timeout=10).json()
     assert node_name("w0") in workers
 

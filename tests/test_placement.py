@@ -5,15 +5,21 @@ from __future__ import annotations
 import signal
 
 from client import TinkerbellClient
-from tasks.celery_app import ResultBackend
-from tasks.celery_app import app as celery_app
+from core.settings import Settings
+from tasks.celery_app import make_app, result_backend
 from tests.test_service import make_datum
 
 
 def ran_on(stack, request_id: str) -> str:
-    """The Celery node that executed a task, as its stored result records it."""
-    backend = ResultBackend(app=celery_app, url=stack.env["TINKERBELL_BROKER_URL"])
-    return backend.get_task_meta(request_id)["worker"].split("@")[0]
+    """The worker that executed a task: the one whose Celery log says it received it."""
+    workers = [name.removeprefix("worker-") for name in stack.procs if name.startswith("worker-")]
+    return next(w for w in workers if f"[{request_id}] received" in (stack.data_dir / f"worker-{w}.log").read_text())
+
+
+def results(stack):
+    """Celery's result backend of the stack."""
+    settings = Settings.from_env(stack.env)
+    return result_backend(make_app(settings), settings)
 
 
 def test_two_workers_four_adapters_two_each_and_tasks_run_on_owner(make_stack):
@@ -75,7 +81,7 @@ def test_requests_in_flight_when_a_worker_is_killed_run_when_it_restarts(make_st
     while broker.hlen("unacked") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert broker.hlen("unacked") == 0
-    done = [ResultBackend(app=celery_app, url=stack.env["TINKERBELL_BROKER_URL"]).get_task_meta(f.request_id)["date_done"] for f in (slow, behind)]
+    done = [results(stack).get_task_meta(f.request_id)["date_done"] for f in (slow, behind)]
     assert done[0] < done[1], "the restored request ran after the one queued behind it"
     assert "restored 1 request(s) in flight" in (stack.data_dir / "worker-w0.log").read_text()
 

@@ -229,9 +229,9 @@ def test_malformed_json_is_a_400_with_a_body(stack):
 
 
 def test_one_keep_alive_connection_serves_pipelined_back_to_back_and_idle_requests(stack):
-    """The API's gunicorn worker (api.gthread) keeps a connection's thread for the next request a moment; whether
-    requests come pipelined in one write, right after each other or after the connection went back to the
-    poller, each is answered once and in order on the same connection."""
+    """gunicorn's gthread worker on a kept-alive connection: whether requests come pipelined in one write, right
+    after each other or after the connection went back to the poller, each is answered once and in order on the
+    same connection."""
     import socket
     import time
 
