@@ -18,6 +18,6 @@ src=(); [ -d shared/wheels ] && src=(--no-index --find-links shared/wheels)
 
 "$PY" -c 'import torch; print("torch", torch.__version__, "GPUs", torch.cuda.device_count(),
     torch.cuda.get_device_name(0))' | tee "$OUT/versions.txt"
-"$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sample_batch.py tests/test_vllm.py 2>&1 \
+TINKERBELL_TEST_VLLM_STACK=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sample_batch.py tests/test_vllm.py 2>&1 \
     | tee "$OUT/tests.txt" | tail -15
 TINKERBELL_DEVICE=cuda:0 timeout 900 "$PY" bench/sampling.py --skip-vllm 2>&1 | grep -v -i warn | tee "$OUT/bench.txt"

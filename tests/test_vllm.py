@@ -27,6 +27,12 @@ from tests.conftest import share_converted_model
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(Settings.from_env().vllm_venv)
 VLLM_PYTHON = VENV / "bin" / "python"
+# The two whole-stack cases (an HF trainer, a vLLM sampler, the API) need about 8 GB and both cores for minutes; on a
+# shared 2-core machine under other load vLLM's engine process was seen to die. Opt in with TINKERBELL_TEST_VLLM_STACK=1.
+needs_vllm_stack = pytest.mark.skipif(
+    os.environ.get("TINKERBELL_TEST_VLLM_STACK") != "1",
+    reason="whole-stack vLLM cases are opt-in: TINKERBELL_TEST_VLLM_STACK=1 (scripts/gpu_check_sampling.sh sets it)",
+)
 needs_vllm = pytest.mark.skipif(
     not (VENV / ".tinkerbell-requirements.sha256").is_file(),
     reason=f"no vLLM venv at {VENV} (TINKERBELL_VLLM_VENV); `make vllm-venv` builds it",
@@ -300,6 +306,7 @@ def split_stack(make_stack, tmp_path_factory):
 
 
 @needs_vllm
+@needs_vllm_stack
 def test_sdk_sampling_and_compute_logprobs_on_a_vllm_worker_with_a_separate_hf_trainer(split_stack, hf):
     import tinker
     from tinker import types
@@ -334,6 +341,7 @@ def test_sdk_sampling_and_compute_logprobs_on_a_vllm_worker_with_a_separate_hf_t
 
 
 @needs_vllm
+@needs_vllm_stack
 def test_cookbook_math_rl_runs_three_iterations_sampling_on_vllm(split_stack, tmp_path):
     hf_home = tmp_path / "hf"
     env = {**split_stack.env, "HF_HOME": str(hf_home)}
