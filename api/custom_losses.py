@@ -127,7 +127,12 @@ def register_custom_loss():
     code = _decode_code(payload.get("code"))
     digest = hashlib.sha256(code).hexdigest()
     source = _text(payload, "source")
-    meta = {"source": source, "filename": _text(payload, "filename"), "first_line": payload.get("first_line") if isinstance(payload.get("first_line"), int) else None, "python": _text(payload, "python")}
+    meta = {
+        "source": source,
+        "filename": _text(payload, "filename"),
+        "first_line": payload.get("first_line") if isinstance(payload.get("first_line"), int) else None,
+        "python": _text(payload, "python"),
+    }
     config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
     custom_key, owner = CUSTOM_KEY.format(owner=g.owner), g.owner
     with redis.lock(f"tb:losses:lock:{owner}:{name}", timeout=10, blocking_timeout=10):

@@ -169,9 +169,7 @@ class LoadedBase:
     def adapter_names(self) -> list[str]:
         return sorted(self._params)
 
-    def add_adapter(
-        self, name: str, rank: int, alpha: float, targets: list[str], seed: int | None
-    ) -> dict[str, torch.nn.Parameter]:
+    def add_adapter(self, name: str, rank: int, alpha: float, targets: list[str], seed: int | None) -> dict[str, torch.nn.Parameter]:
         """A fresh LoRA adapter on the target modules (PEFT's target_modules rule), initialised bit for bit as
         `torch.manual_seed(seed); get_peft_model(...)` would. Returns its fp32 parameters keyed as in PEFT's
         adapter_model.safetensors (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`)."""
@@ -272,6 +270,4 @@ def loaded_bases(device: torch.device | None = None) -> list[LoadedBase]:
 def lora_config(rank: int, alpha: float, targets: list[str], inference: bool = False) -> LoraConfig:
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", inference_mode=inference
-    )
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", inference_mode=inference)

@@ -170,8 +170,7 @@ class HFTrainingBackend:
             target = _int_array(fn_inputs["target_tokens"], f"data[{i}].loss_fn_inputs.target_tokens")
             if target.ndim not in (1, 2) or target.shape[0] != n or (target.ndim == 2 and target.shape[1] == 0):
                 raise UserError(
-                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input length {n}"
-                    " (expected (N,) or (N, K))"
+                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input length {n} (expected (N,) or (N, K))"
                 )
             _check_range(target, base.vocab_out, f"data[{i}].loss_fn_inputs.target_tokens")
             # torch.tensor copies: wire-decoded arrays are read-only views of the message bytes.
@@ -181,9 +180,7 @@ class HFTrainingBackend:
                     continue
                 arr = np.asarray(value)
                 if key in PER_TOKEN_INPUTS and (arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)):
-                    raise UserError(
-                        f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens {tuple(target.shape)}"
-                    )
+                    raise UserError(f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens {tuple(target.shape)}")
                 if arr.dtype.kind not in "biuf":
                     raise UserError(f"data[{i}].loss_fn_inputs.{key}: expected numbers, got dtype {arr.dtype}")
                 converted[key] = torch.tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device)
@@ -269,8 +266,7 @@ class HFTrainingBackend:
                 # request's adapter would otherwise get zero .grad tensors, and AdamW steps on zeros).
                 torch.autograd.backward(torch.stack(losses).sum(), inputs=list(trained.values()))
         tokens = sum(lengths)
-        return {"adapters": len({p.adapter.model_id for _, p in group}), "requests": len(group), "tokens": tokens,
-                "positions": flat}
+        return {"adapters": len({p.adapter.model_id for _, p in group}), "requests": len(group), "tokens": tokens, "positions": flat}
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
@@ -298,8 +294,9 @@ class HFTrainingBackend:
             else:
                 norm = 0.0
             for group in adapter.optimizer.param_groups:
-                group.update(lr=float(adam.learning_rate), betas=(float(adam.beta1), float(adam.beta2)), eps=float(adam.eps),
-                             weight_decay=float(adam.weight_decay))
+                group.update(
+                    lr=float(adam.learning_rate), betas=(float(adam.beta1), float(adam.beta2)), eps=float(adam.eps), weight_decay=float(adam.weight_decay)
+                )
             adapter.optimizer.step()
             adapter.optimizer.zero_grad(set_to_none=True)
         adapter.steps += 1
@@ -341,8 +338,13 @@ class HFTrainingBackend:
         if with_optimizer:
             torch.save(adapter.optimizer.state_dict(), out / OPTIMIZER_STATE)
             written.append(OPTIMIZER_STATE)
-        meta = {"model_id": model_id, "base_model": adapter.base.name, "lora": asdict(adapter.lora),
-                "steps": adapter.steps, "with_optimizer": bool(with_optimizer)}
+        meta = {
+            "model_id": model_id,
+            "base_model": adapter.base.name,
+            "lora": asdict(adapter.lora),
+            "steps": adapter.steps,
+            "with_optimizer": bool(with_optimizer),
+        }
         (out / STATE_META).write_text(json.dumps(meta, indent=2) + "\n")
         return sum((out / f).stat().st_size for f in written)
 

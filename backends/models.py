@@ -237,9 +237,7 @@ def convert_packaged_model(name: str, settings: Settings) -> Path:
             if not (tmp / "chat_template.jinja").is_file() and getattr(tokenizer, "chat_template", None):
                 (tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
             _tidy_tokenizer_config(tmp, getattr(config, "max_position_embeddings", None))
-            (tmp / "tinkerbell-source.json").write_text(
-                json.dumps({"model": name, "converted_from": str(gguf), "at": time.time()}) + "\n"
-            )
+            (tmp / "tinkerbell-source.json").write_text(json.dumps({"model": name, "converted_from": str(gguf), "at": time.time()}) + "\n")
             _publish(tmp, target)
         finally:
             if tmp.exists():
@@ -287,9 +285,7 @@ def tokenizer_dir(name: str, settings: Settings) -> Path:
     return target
 
 
-def ensure_tokenizer_in_hf_cache(
-    name: str, settings: Settings, hf_home: str | os.PathLike[str] | None = None
-) -> Path:
+def ensure_tokenizer_in_hf_cache(name: str, settings: Settings, hf_home: str | os.PathLike[str] | None = None) -> Path:
     """Write `name`'s tokenizer files, config.json and chat template into the local HF hub cache layout.
 
     Afterwards `AutoTokenizer.from_pretrained(name)` works offline (HF_HUB_OFFLINE=1), as the tinker SDK and

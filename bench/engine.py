@@ -166,8 +166,8 @@ def generate_in_process(stack: Stack, prompts: list[list[int]], new_tokens: int,
     ids = torch.zeros((len(prompts), width), dtype=torch.int64)  # (B, P) left-padded
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     kwargs = {"attention_mask": mask, "do_sample": True, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": 0}
     with torch.no_grad():
         model.generate(input_ids=ids[:2], **{**kwargs, "attention_mask": mask[:2], "max_new_tokens": 4, "min_new_tokens": 4})
@@ -211,10 +211,8 @@ def main() -> None:
                 paths = sampler_paths(stack, 8)
                 concurrent, sequential = sampling(stack, prompts, paths, args.new_tokens, args.sequential)
                 batched = generate_in_process(stack, prompts, args.new_tokens, dtype)
-                rows.append((dtype, f"(c) 64 prompts x {args.new_tokens} over 8 adapters vs HF generate batch 64, 1 adapter",
-                             batched, concurrent))
-                rows.append((dtype, f"(c) same, 64 concurrent vs one call after another ({args.sequential} timed)",
-                             sequential, concurrent))
+                rows.append((dtype, f"(c) 64 prompts x {args.new_tokens} over 8 adapters vs HF generate batch 64, 1 adapter", batched, concurrent))
+                rows.append((dtype, f"(c) same, 64 concurrent vs one call after another ({args.sequential} timed)", sequential, concurrent))
         finally:
             stack.stop()
             redis.stop()
@@ -223,8 +221,10 @@ def main() -> None:
     print("|---|---|---:|---:|---:|")
     for dtype, name, plain, served in rows:
         print(f"| {dtype} | {name} | {plain:.1f} | {served:.1f} | {served / plain:.2f}x |")
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}, "
-          f"steps {args.steps}; in-process sides: plain transformers + PEFT (round-robin / right-padded / generate)")
+    print(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}, "
+        f"steps {args.steps}; in-process sides: plain transformers + PEFT (round-robin / right-padded / generate)"
+    )
 
 
 if __name__ == "__main__":

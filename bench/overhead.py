@@ -105,14 +105,24 @@ def latency(stack: Stack, models_dir: Path, iters: int) -> tuple[list[float], li
 
 def latency_rows(label: str, service: list[float], local: list[float]) -> list[tuple[str, float, float, float]]:
     return [
-        (f"(a) tiny forward_backward round trip{label}, p50 (ms)", statistics.median(local), statistics.median(service), statistics.median(service) - statistics.median(local)),
+        (
+            f"(a) tiny forward_backward round trip{label}, p50 (ms)",
+            statistics.median(local),
+            statistics.median(service),
+            statistics.median(service) - statistics.median(local),
+        ),
         (f"(a) tiny forward_backward round trip{label}, p95 (ms)", pct(local, 95), pct(service, 95), pct(service, 95) - pct(local, 95)),
     ]
 
 
 def start_stack(models_dir: Path, threads: int, base_models: str) -> tuple[RedisServer, Stack]:
     redis = RedisServer()
-    env = {"TINKERBELL_AUTH": "off", "OMP_NUM_THREADS": str(threads), "TINKERBELL_BASE_MODELS": base_models, "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1")}
+    env = {
+        "TINKERBELL_AUTH": "off",
+        "OMP_NUM_THREADS": str(threads),
+        "TINKERBELL_BASE_MODELS": base_models,
+        "TINKERBELL_AUTOSAVE": os.environ.get("TINKERBELL_AUTOSAVE", "1"),
+    }
     stack = Stack(redis, 0, models_dir, Path(tempfile.mkdtemp(prefix="tb-bench-data-")), extra_env=env)
     try:
         stack.start_worker("bench0")
@@ -209,8 +219,12 @@ def main() -> None:
     for name, a, b, c in rows:
         cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"
         print(f"| {name} | {a:.2f} | {b:.2f} | {cost} |")
-    print(f"\nFor scale: a bare Celery+Redis round trip of a no-op task through the same worker, p50 {statistics.median(bare):.2f} ms, p95 {pct(bare, 95):.2f} ms")
-    print(f"{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters {args.latency_iters}; SFT steps {args.sft_steps}")
+    print(
+        f"\nFor scale: a bare Celery+Redis round trip of a no-op task through the same worker, p50 {statistics.median(bare):.2f} ms, p95 {pct(bare, 95):.2f} ms"
+    )
+    print(
+        f"{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters {args.latency_iters}; SFT steps {args.sft_steps}"
+    )
 
 
 if __name__ == "__main__":

@@ -74,10 +74,23 @@ class VLLMWorker:
 
     def __init__(self, settings: Settings, extra_env: dict[str, str]) -> None:
         python = Path(settings.vllm_venv) / "bin" / "python"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TINKERBELL_MODELS_DIR": settings.models_dir,
-               "TINKERBELL_DATA_DIR": settings.data_dir, "TINKERBELL_LOG_LEVEL": "WARNING", **extra_env}
-        self.proc = subprocess.Popen([str(python), "-m", "backends.vllm", "serve-stdio"], cwd=ROOT, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "TINKERBELL_MODELS_DIR": settings.models_dir,
+            "TINKERBELL_DATA_DIR": settings.data_dir,
+            "TINKERBELL_LOG_LEVEL": "WARNING",
+            **extra_env,
+        }
+        self.proc = subprocess.Popen(
+            [str(python), "-m", "backends.vllm", "serve-stdio"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.call({"load": DEFAULT_BASE_MODEL})
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Tinkerbell's own Python client for the native API. Calls return futures that poll task ids.
 
-    from client import TinkerbellClient
-    tb = TinkerbellClient("http://localhost:8000", api_key="tml-…")
-    model_id = tb.add_lora(rank=16).result()["model_id"]
-    tb.forward_backward(model_id, [{"model_input": [...], "loss_fn_inputs": {"target_tokens": [...], "weights": [...]}}]).result()
+from client import TinkerbellClient
+tb = TinkerbellClient("http://localhost:8000", api_key="tml-…")
+model_id = tb.add_lora(rank=16).result()["model_id"]
+tb.forward_backward(model_id, [{"model_input": [...], "loss_fn_inputs": {"target_tokens": [...], "weights": [...]}}]).result()
 """
 
 from typing import Any
@@ -21,7 +21,19 @@ from client.client import (
 )
 from client.custom_loss import custom_loss
 
-__all__ = ["APIError", "AuthError", "ConnectionFailed", "Future", "LossFnOutput", "NotFoundError", "RequestFailed", "ServerError", "TinkerbellClient", "UserInputError", "custom_loss"]
+__all__ = [
+    "APIError",
+    "AuthError",
+    "ConnectionFailed",
+    "Future",
+    "LossFnOutput",
+    "NotFoundError",
+    "RequestFailed",
+    "ServerError",
+    "TinkerbellClient",
+    "UserInputError",
+    "custom_loss",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -103,7 +103,9 @@ class TinkerbellClient:
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         try:
-            response = self._http.request(method, self.base_url + path, body=body, headers=self.headers, timeout=urllib3.Timeout(connect=10.0, read=timeout or self.timeout))
+            response = self._http.request(
+                method, self.base_url + path, body=body, headers=self.headers, timeout=urllib3.Timeout(connect=10.0, read=timeout or self.timeout)
+            )
         except urllib3.exceptions.HTTPError as exc:
             raise ConnectionFailed(f"{method} {self.base_url}{path}: {exc}") from exc
         _raise_for(response)
@@ -151,9 +153,25 @@ class TinkerbellClient:
         return self._request("DELETE", f"/custom_losses/{name}")
 
     # ---- adapters -------------------------------------------------------------------------
-    def add_lora(self, base_model: str | None = None, rank: int = 32, alpha: float | None = None, seed: int | None = None, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = True) -> Future:
+    def add_lora(
+        self,
+        base_model: str | None = None,
+        rank: int = 32,
+        alpha: float | None = None,
+        seed: int | None = None,
+        train_attn: bool = True,
+        train_mlp: bool = True,
+        train_unembed: bool = True,
+    ) -> Future:
         """Create an adapter; the future's result has model_id."""
-        payload: dict[str, Any] = {"base_model": base_model, "rank": rank, "seed": seed, "train_attn": train_attn, "train_mlp": train_mlp, "train_unembed": train_unembed}
+        payload: dict[str, Any] = {
+            "base_model": base_model,
+            "rank": rank,
+            "seed": seed,
+            "train_attn": train_attn,
+            "train_mlp": train_mlp,
+            "train_unembed": train_unembed,
+        }
         if alpha is not None:
             payload["alpha"] = alpha
         answer = self._post("/add_lora", payload)
@@ -164,9 +182,23 @@ class TinkerbellClient:
         return Future(self, self._post("/remove_lora", {"model_id": model_id})["request_id"])
 
     # ---- training -------------------------------------------------------------------------
-    def forward_backward(self, model_id: str, data: Iterable[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False) -> Future:
+    def forward_backward(
+        self,
+        model_id: str,
+        data: Iterable[dict[str, Any]],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, Any] | None = None,
+        forward_only: bool = False,
+    ) -> Future:
         """data: [{"model_input": [ids], "loss_fn_inputs": {"target_tokens": [...], "weights": [...], …}}]."""
-        payload = {"model_id": model_id, "seq_id": self._next_seq(model_id), "data": list(data), "loss_fn": loss_fn, "loss_fn_config": loss_fn_config or {}, "forward_only": forward_only}
+        payload = {
+            "model_id": model_id,
+            "seq_id": self._next_seq(model_id),
+            "data": list(data),
+            "loss_fn": loss_fn,
+            "loss_fn_config": loss_fn_config or {},
+            "forward_only": forward_only,
+        }
         return Future(self, self._post("/fwdbwd", payload)["request_id"])
 
     def forward(self, model_id: str, data: Iterable[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None) -> Future:
@@ -186,8 +218,28 @@ class TinkerbellClient:
         return Future(self, self._post("/load_state", payload)["request_id"])
 
     # ---- sampling -------------------------------------------------------------------------
-    def sample(self, prompt: list[int], base_model: str | None = None, model_path: str | None = None, max_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, stop: list[str] | list[int] | None = None, seed: int | None = None, num_samples: int = 1, prompt_logprobs: bool = False) -> Future:
+    def sample(
+        self,
+        prompt: list[int],
+        base_model: str | None = None,
+        model_path: str | None = None,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop: list[str] | list[int] | None = None,
+        seed: int | None = None,
+        num_samples: int = 1,
+        prompt_logprobs: bool = False,
+    ) -> Future:
         """Sample from a base model or saved sampler weights (model_path="tinker://…")."""
         params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "stop": stop, "seed": seed}
-        payload = {"prompt": prompt, "base_model": base_model, "model_path": model_path, "sampling_params": params, "num_samples": num_samples, "prompt_logprobs": prompt_logprobs}
+        payload = {
+            "prompt": prompt,
+            "base_model": base_model,
+            "model_path": model_path,
+            "sampling_params": params,
+            "num_samples": num_samples,
+            "prompt_logprobs": prompt_logprobs,
+        }
         return Future(self, self._post("/asample", payload)["request_id"])

@@ -48,7 +48,11 @@ def serialize_loss(fn: Callable[..., Any], name: str | None = None) -> dict[str,
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < CONTRACT_ARGS and not any(p.kind == p.VAR_POSITIONAL for p in params):
         raise TypeError(f"custom_loss: {fn.__name__} must take (model_outputs, loss_fn_inputs, attention_mask, **config)")
-    config = {p.name: p.default for p in positional[CONTRACT_ARGS:] + [p for p in params if p.kind == p.KEYWORD_ONLY] if p.default is not p.empty and _is_json(p.default)}
+    config = {
+        p.name: p.default
+        for p in positional[CONTRACT_ARGS:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
+        if p.default is not p.empty and _is_json(p.default)
+    }
     try:
         lines, first_line = inspect.getsourcelines(fn)
         source = "".join(lines)

@@ -67,7 +67,9 @@ OUTBOX_GRACE_S = 10.0
 # Returns {request id to answer with, status, then request id and message of each request now ready, in seq_id
 # order (the message is '' for this call's own request: the caller has it)}; status 1: admitted, 0: a seq_id seen
 # before (it answers with its first id), -1: the model is not the owner's (or was removed).
-_SUBMIT_LUA = _FUTURE_LUA + """
+_SUBMIT_LUA = (
+    _FUTURE_LUA
+    + """
 if ARGV[6] ~= '' then
   local model = redis.call('HMGET', KEYS[10], 'owner', 'deleted')
   if model[1] ~= ARGV[6] or model[2] == 'true' then return {'', -1} end
@@ -101,16 +103,20 @@ redis.call('SET', KEYS[4], nxt)
 if nxt > first then redis.call('DEL', KEYS[5]) else redis.call('HSETNX', KEYS[5], 't', ARGV[5]) end
 return out
 """
+)
 
 # A request that needs no ordering (create an adapter, sample): record its future and put it in the outbox.
 # KEYS: 1 the future's hash, 2 pending-futures zset, 3 the outbox hash, 4 the outbox's due zset.
 # ARGV: 1 queue, 2 message, 3 request id, 4-6 owner/kind/model_id (JSON), 7 now, 8 ttl, 9 cap.
-_PUSH_LUA = _FUTURE_LUA + """
+_PUSH_LUA = (
+    _FUTURE_LUA
+    + """
 record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 redis.call('HSET', KEYS[3], ARGV[3], cjson.encode({ARGV[1], ARGV[2]}))
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[3])
 return 1
 """
+)
 
 # The outbox entries that became ready before a cutoff, claimed (their time set to now, so that another API
 # process sweeping at the same moment does not take them too). KEYS: 1 outbox hash, 2 due zset.
@@ -213,7 +219,10 @@ class Registry:
     def create_session(self, owner: str, tags: list[str] | None = None, user_metadata: dict | None = None) -> str:
         session_id = str(uuid.uuid4())
         now = time.time()
-        self._put(f"session:{session_id}", {"owner": owner, "created": now, "heartbeat": now, "tags": tags or [], "user_metadata": user_metadata or {}, "status": "active"})
+        self._put(
+            f"session:{session_id}",
+            {"owner": owner, "created": now, "heartbeat": now, "tags": tags or [], "user_metadata": user_metadata or {}, "status": "active"},
+        )
         self.redis.zadd(P + f"owner:{owner}:sessions", {session_id: now})
         return session_id
 
@@ -237,7 +246,19 @@ class Registry:
         now = time.time()
         if not self.redis.hsetnx(P + f"model:{model_id}", "owner", _dumps(owner)):
             return False
-        self._put(f"model:{model_id}", {"session_id": session_id, "base_model": base_model, "lora": lora, "worker": worker, "created": now, "last_request_time": now, "user_metadata": user_metadata or {}, "status": "creating"})
+        self._put(
+            f"model:{model_id}",
+            {
+                "session_id": session_id,
+                "base_model": base_model,
+                "lora": lora,
+                "worker": worker,
+                "created": now,
+                "last_request_time": now,
+                "user_metadata": user_metadata or {},
+                "status": "creating",
+            },
+        )
         self.redis.zadd(P + f"owner:{owner}:models", {model_id: now})
         self.redis.zadd(P + f"session:{session_id}:models", {model_id: now})
         self.redis.sadd(P + f"worker:{worker}:adapters", model_id)
@@ -306,7 +327,13 @@ class Registry:
 
     # ---- per-model ordering (DESIGN rule 3) -----------------------------------------------
     def submit(
-        self, model_id: str, seq_id: int, request_id: str, message: str, queue: str, owner: str | None,
+        self,
+        model_id: str,
+        seq_id: int,
+        request_id: str,
+        message: str,
+        queue: str,
+        owner: str | None,
         kind: str | None = None,
     ) -> tuple[str, list[Outgoing]]:
         """Admit request `seq_id` of a model; returns the request id to answer with and the requests now ready.
@@ -319,23 +346,40 @@ class Registry:
         kind: record the newly admitted request's future, of this kind, for the owner.
         """
         base = P + f"seq:{model_id}"
-        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since",
-                P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE, P + f"model:{model_id}"]
-        args = [str(seq_id), request_id, message, queue, time.time(), "" if owner is None else _dumps(owner),
-                "" if kind is None else _dumps(kind), _dumps(model_id), FUTURE_TTL_S, PENDING_FUTURES_MAX]
+        keys = [
+            base + ":ids",
+            base + ":admitted",
+            base + ":pending",
+            base + ":next",
+            base + ":held_since",
+            P + f"future:{request_id}",
+            PENDING_FUTURES,
+            OUTBOX,
+            OUTBOX_DUE,
+            P + f"model:{model_id}",
+        ]
+        args = [
+            str(seq_id),
+            request_id,
+            message,
+            queue,
+            time.time(),
+            "" if owner is None else _dumps(owner),
+            "" if kind is None else _dumps(kind),
+            _dumps(model_id),
+            FUTURE_TTL_S,
+            PENDING_FUTURES_MAX,
+        ]
         answer_id, status, *ready = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
         if status == -1:
             raise NotFound(f"model_id: no such model '{model_id}'")
         pairs = zip(ready[::2], ready[1::2])
         return answer_id, [Outgoing(rid, queue, raw or message) for rid, raw in pairs]
 
-    def push(
-        self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None
-    ) -> Outgoing:
+    def push(self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None) -> Outgoing:
         """Record a request's future and put it in the outbox, atomically: publish it, then `mark_published`."""
         keys = [P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE]
-        args = [queue, message, request_id, _dumps(owner), _dumps(kind), _dumps(model_id), time.time(), FUTURE_TTL_S,
-                PENDING_FUTURES_MAX]
+        args = [queue, message, request_id, _dumps(owner), _dumps(kind), _dumps(model_id), time.time(), FUTURE_TTL_S, PENDING_FUTURES_MAX]
         self._script("_push", _PUSH_LUA)(keys=keys, args=args)
         return Outgoing(request_id, queue, message)
 
@@ -361,7 +405,9 @@ class Registry:
     def next_seq(self, model_id: str, owner: str) -> int:
         """Hand out the seq_id for a request that came without one (native callers that do not number)."""
         base = P + f"seq:{model_id}"
-        seq = int(self._script("_reserve", _RESERVE_LUA)(keys=[base + ":admitted", base + ":next", base + ":reserved", P + f"model:{model_id}"], args=[_dumps(owner)]))
+        seq = int(
+            self._script("_reserve", _RESERVE_LUA)(keys=[base + ":admitted", base + ":next", base + ":reserved", P + f"model:{model_id}"], args=[_dumps(owner)])
+        )
         if seq < 0:
             raise NotFound(f"model_id: no such model '{model_id}'")
         return seq
@@ -409,7 +455,10 @@ class Registry:
 
     # ---- samplers -------------------------------------------------------------------------
     def create_sampler(self, sampler_id: str, owner: str, session_id: str, base_model: str, model_path: str | None, adapter_dir: str | None) -> None:
-        self._put(f"sampler:{sampler_id}", {"owner": owner, "session_id": session_id, "base_model": base_model, "model_path": model_path, "adapter_dir": adapter_dir, "created": time.time()})
+        self._put(
+            f"sampler:{sampler_id}",
+            {"owner": owner, "session_id": session_id, "base_model": base_model, "model_path": model_path, "adapter_dir": adapter_dir, "created": time.time()},
+        )
         self.redis.zadd(P + f"session:{session_id}:samplers", {sampler_id: time.time()})
 
     def sampler(self, sampler_id: str, owner: str) -> dict[str, Any]:

@@ -53,7 +53,9 @@ def logprobs_of(output: dict[str, Any]) -> list[float]:
     return list(output["logprobs"]["data"] if isinstance(output["logprobs"], dict) else output["logprobs"])
 
 
-def train(client: TinkerbellClient, model_id: str, data: list[dict[str, Any]], loss_fn: str, config: dict[str, Any], steps: int, learning_rate: float) -> dict[str, float]:
+def train(
+    client: TinkerbellClient, model_id: str, data: list[dict[str, Any]], loss_fn: str, config: dict[str, Any], steps: int, learning_rate: float
+) -> dict[str, float]:
     """forward_backward with the custom loss + optim_step, `steps` times; prints and returns the last metrics."""
     metrics: dict[str, float] = {}
     for step in range(steps):

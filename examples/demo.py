@@ -176,7 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting the local stack (logs: {log_path.relative_to(REPO_ROOT)}; the first start converts the model, ~30 s) …")
         environ = {**os.environ, "TINKERBELL_AUTH": "off", "TINKERBELL_BASE_MODEL": args.base_model}
         try:
-            stack = stacklib.start_stack(workers=args.workers, cpu=args.cpu, port=args.port, redis_port=args.redis_port, flower=not args.no_flower, flower_port=args.flower_port, environ=environ, log_path=log_path, echo=None)
+            stack = stacklib.start_stack(
+                workers=args.workers,
+                cpu=args.cpu,
+                port=args.port,
+                redis_port=args.redis_port,
+                flower=not args.no_flower,
+                flower_port=args.flower_port,
+                environ=environ,
+                log_path=log_path,
+                echo=None,
+            )
         except stacklib.StackError as exc:
             print(f"could not start the stack: {exc}", file=sys.stderr)
             if log_path.exists():
@@ -191,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fine_tune(url, args)
         losses = result["losses"]
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, {result['tokens']} tokens in {result['seconds']:.0f} s ({result['tokens'] / result['seconds']:.0f} tokens/s)")
+        print(
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, {result['tokens']} tokens in {result['seconds']:.0f} s ({result['tokens'] / result['seconds']:.0f} tokens/s)"
+        )
         print(f"loss curve: {args.plot}")
         if stack is not None and args.keep_running:
             print(f"\nThe stack keeps running: status page {url}/ , Flower {stack.flower_url or '(off)'}. Ctrl-C stops it.")

@@ -1,8 +1,8 @@
 """The official `tinker` SDK, unmodified, against Tinkerbell: a few SFT steps, a save, and sampling from the result.
 
-    export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-…   # any tml- key when TINKERBELL_AUTH=off
-    python -m backends.models install-tokenizer      # once: the tokenizer into the local HF cache
-    HF_HUB_OFFLINE=1 python examples/tinker_sdk_example.py
+export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-…   # any tml- key when TINKERBELL_AUTH=off
+python -m backends.models install-tokenizer      # once: the tokenizer into the local HF cache
+HF_HUB_OFFLINE=1 python examples/tinker_sdk_example.py
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def _check_logprobs(logprobs: Any, reference: Tensor, name: str) -> None:
         return
     if isinstance(logprobs, Tensor):
         if logprobs.shape != reference.shape:
-            raise UserError(f"custom loss {name!r}: logprobs has shape {tuple(logprobs.shape)}; expected {tuple(reference.shape)} like model_outputs['logprobs']")
+            raise UserError(
+                f"custom loss {name!r}: logprobs has shape {tuple(logprobs.shape)}; expected {tuple(reference.shape)} like model_outputs['logprobs']"
+            )
         return
     if isinstance(logprobs, list) and all(isinstance(t, Tensor) for t in logprobs):
         if len(logprobs) != reference.shape[0]:
@@ -165,7 +167,9 @@ def call_custom_loss(
         raise UserError(f"custom loss {name!r}: loss is not finite ({loss.item()})")
     logprobs = model_outputs.get("logprobs")
     if isinstance(logprobs, Tensor) and logprobs.requires_grad and not loss.requires_grad:
-        raise UserError(f"custom loss {name!r}: loss does not require grad; it must be computed from model_outputs['logprobs'] (no .detach(), .item() or torch.no_grad())")
+        raise UserError(
+            f"custom loss {name!r}: loss does not require grad; it must be computed from model_outputs['logprobs'] (no .detach(), .item() or torch.no_grad())"
+        )
     if isinstance(logprobs, Tensor):
         _check_logprobs(out.logprobs, logprobs, name)
 

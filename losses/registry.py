@@ -214,7 +214,9 @@ def _prepare(entry: LossEntry, target_logprobs: list[Tensor], loss_fn_inputs: li
         prepared = dict(datum)
         if entry.custom:
             if set(datum) != first_keys:
-                raise UserError(f"{where}: keys {sorted(datum)} differ from loss_fn_inputs[0] {sorted(first_keys)}; a custom loss needs the same keys in every datum")
+                raise UserError(
+                    f"{where}: keys {sorted(datum)} differ from loss_fn_inputs[0] {sorted(first_keys)}; a custom loss needs the same keys in every datum"
+                )
             for key in sorted(set(datum) - {"target_tokens"}):
                 value = _tensor(datum[key], f"{where}.{key}")
                 first = loss_fn_inputs[0][key]

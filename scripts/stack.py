@@ -388,7 +388,9 @@ def start_stack(
         raise StackError("no workers to start (--workers 0)")
     width = max(len(f"[worker-{spec.name}]") for spec in specs)
     stream = (sys.stdout if echo else None) if isinstance(echo, bool) else echo
-    stack = Stack(env=env, settings=settings, workers=specs, redis_url=settings.broker_url, mux=LogMux(log_path, stream, max(width, 8)), log_path=log_path, flower=flower)
+    stack = Stack(
+        env=env, settings=settings, workers=specs, redis_url=settings.broker_url, mux=LogMux(log_path, stream, max(width, 8)), log_path=log_path, flower=flower
+    )
     try:
         _start_all(stack, ready_timeout_s, stop_requested)
     except BaseException:
@@ -459,10 +461,17 @@ def ensure_redis(stack: Stack, stop_requested: Callable[[], bool] = lambda: Fals
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=None, help=f"CPU workers without GPUs (default TINKERBELL_MAX_WORKERS={settings.max_workers}); with GPUs, use the first N")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"CPU workers without GPUs (default TINKERBELL_MAX_WORKERS={settings.max_workers}); with GPUs, use the first N",
+    )
     parser.add_argument("--cpu", action="store_true", help="CPU workers even when GPUs are present")
     parser.add_argument("--port", type=int, default=None, help=f"API port (default TINKERBELL_PORT={settings.port})")
-    parser.add_argument("--redis-port", type=int, default=None, help="start (or reuse) Redis on this port and point every part at it (default: TINKERBELL_BROKER_URL)")
+    parser.add_argument(
+        "--redis-port", type=int, default=None, help="start (or reuse) Redis on this port and point every part at it (default: TINKERBELL_BROKER_URL)"
+    )
     parser.add_argument("--no-flower", action="store_true", help="do not start the Flower dashboard")
     parser.add_argument("--flower-port", type=int, default=None, help=f"Flower port (default TINKERBELL_FLOWER_PORT={settings.flower_port})")
     parser.add_argument("--log-file", type=Path, default=DEFAULT_LOG_PATH, help="copy of the combined output (default logs/stack.log)")

@@ -85,8 +85,15 @@ class Engine:
         self._turn = itertools.count()  # round-robin start for fairness across adapters
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self.stats: dict[str, float] = {"ticks": 0, "passes": 0, "multi_adapter_passes": 0, "max_adapters_per_pass": 0,
-                                        "sample_batches": 0, "max_requests_per_sample_batch": 0, "optim_batches": 0}
+        self.stats: dict[str, float] = {
+            "ticks": 0,
+            "passes": 0,
+            "multi_adapter_passes": 0,
+            "max_adapters_per_pass": 0,
+            "sample_batches": 0,
+            "max_requests_per_sample_batch": 0,
+            "optim_batches": 0,
+        }
         self.last_pass: dict[str, Any] = {}
         self.base_of: dict[str, str] = {}  # model_id -> base model, for grouping a pass
         self.busy: dict[str, Any] | None = None  # what the engine runs now: {"task": …, "started": epoch seconds}
@@ -116,8 +123,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         """What the heartbeat and the status page show: requests held, by adapter, and the pass counters."""
         held = sum(len(lane.pending) + len(lane.unordered) for lane in list(self._lanes.values()))
-        return {"held": held, "samples_held": len(self._samples), "stats": dict(self.stats),
-                "last_pass": dict(self.last_pass), "busy": self.busy}
+        return {"held": held, "samples_held": len(self._samples), "stats": dict(self.stats), "last_pass": dict(self.last_pass), "busy": self.busy}
 
     # ---- the engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -175,8 +181,7 @@ class Engine:
             lane.waiting_since = lane.waiting_since or now
             if now - lane.waiting_since < self.gap_timeout_s:
                 return None
-            log.warning("%s: seq_id %d waited %.0f s for earlier requests that never came; running it", model_id, seq,
-                        now - lane.waiting_since)
+            log.warning("%s: seq_id %d waited %.0f s for earlier requests that never came; running it", model_id, seq, now - lane.waiting_since)
         lane.waiting_since = None
         return lane.pending[seq]
 
@@ -284,8 +289,7 @@ class Engine:
         works = self._admit(works)
         if works:
             self.stats["optim_batches"] += 1
-            self._group_call(works, lambda specs: self._training().optim_steps(
-                [(w.model_id, spec) for w, spec in zip(works, specs)]))
+            self._group_call(works, lambda specs: self._training().optim_steps([(w.model_id, spec) for w, spec in zip(works, specs)]))
 
     def _call(self, work: Work) -> None:
         if self._admit([work]):

@@ -17,15 +17,22 @@ from tasks.runtime import runtime
 
 
 @app.task(name="tinkerbell.sample", throws=(UserError,))
-def sample(base_model: str, adapter_dir: str | None, prompt: dict[str, Any], sampling_params: dict[str, Any], num_samples: int = 1, prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> dict[str, Any]:
+def sample(
+    base_model: str,
+    adapter_dir: str | None,
+    prompt: dict[str, Any],
+    sampling_params: dict[str, Any],
+    num_samples: int = 1,
+    prompt_logprobs: bool = False,
+    topk_prompt_logprobs: int = 0,
+) -> dict[str, Any]:
     tokens = [int(t) for t in decode_array(prompt)]
     request = SampleRequest(base_model, adapter_dir, tokens, SamplingSpec(**sampling_params), num_samples, prompt_logprobs, topk_prompt_logprobs)
     result: SampleResult = runtime.engine.run(Work(SAMPLE, request, tokens=len(tokens)))
     runtime.after_result(stats={"tokens_sampled": sum(len(s.tokens) for s in result.sequences)})
     out: dict[str, Any] = {
         "sequences": [
-            {"tokens": encode_array(s.tokens, "int64"), "logprobs": encode_array(s.logprobs, "float32"), "stop_reason": s.stop_reason}
-            for s in result.sequences
+            {"tokens": encode_array(s.tokens, "int64"), "logprobs": encode_array(s.logprobs, "float32"), "stop_reason": s.stop_reason} for s in result.sequences
         ],
         "prompt_logprobs": None,
         "topk_prompt_logprobs": None,

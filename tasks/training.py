@@ -139,7 +139,9 @@ def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
         runtime.engine.base_of[model_id] = record["base_model"]
         if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
             runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(record["gradients_since"])
-            log.warning("%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"])
+            log.warning(
+                "%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"]
+            )
         saved = autosave_dir(model_id)
         if saved.exists():
             runtime.training.load_state(model_id, str(saved), True)
@@ -195,7 +197,15 @@ def remove_adapter(model_id: str, seq_id: int | None = None) -> dict[str, Any]:
 
 
 @app.task(name="tinkerbell.forward_backward", throws=(UserError,))
-def forward_backward(model_id: str, seq_id: int | None, data: list[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None, forward_only: bool = False, custom_loss: dict[str, Any] | None = None) -> dict[str, Any]:
+def forward_backward(
+    model_id: str,
+    seq_id: int | None,
+    data: list[dict[str, Any]],
+    loss_fn: str = "cross_entropy",
+    loss_fn_config: dict[str, Any] | None = None,
+    forward_only: bool = False,
+    custom_loss: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """custom_loss: {name, version, hash, owner} of the owner's uploaded loss, resolved by api/ at publish time.
 
     The message is decoded here, on the pool thread; the engine runs it in one pass with other adapters' requests.
@@ -252,7 +262,9 @@ def _gradients_applied(model_id: str) -> None:
 
 
 @app.task(name="tinkerbell.save_state", throws=(UserError,))
-def save_state(model_id: str, seq_id: int | None, name: str, kind: str = "weights", ttl_seconds: int | None = None, sampler_id: str | None = None) -> dict[str, Any]:
+def save_state(
+    model_id: str, seq_id: int | None, name: str, kind: str = "weights", ttl_seconds: int | None = None, sampler_id: str | None = None
+) -> dict[str, Any]:
     """Save weights (kind=weights: with optimizer; sampler_weights/external_weights: weights only) and record the checkpoint."""
     target = checkpoint_dir(model_id, kind, name)
 
@@ -269,20 +281,23 @@ def save_state(model_id: str, seq_id: int | None, name: str, kind: str = "weight
         model = runtime.registry.model_any(model_id) or {}
         path = f"tinker://{model_id}/{kind}/{name}"
         now = time.time()
-        runtime.registry.add_checkpoint(model_id, {
-            "checkpoint_id": f"{kind}/{name}",
-            "checkpoint_type": {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}[kind],
-            "time": now,
-            "tinker_path": path,
-            "dir": str(target),
-            "size_bytes": size,
-            "public": False,
-            "expires_at": now + ttl_seconds if ttl_seconds else None,
-            "owner": model.get("owner"),
-            "base_model": model.get("base_model"),
-            "lora": model.get("lora"),
-            "ephemeral": sampler_id is not None,
-        })
+        runtime.registry.add_checkpoint(
+            model_id,
+            {
+                "checkpoint_id": f"{kind}/{name}",
+                "checkpoint_type": {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}[kind],
+                "time": now,
+                "tinker_path": path,
+                "dir": str(target),
+                "size_bytes": size,
+                "public": False,
+                "expires_at": now + ttl_seconds if ttl_seconds else None,
+                "owner": model.get("owner"),
+                "base_model": model.get("base_model"),
+                "lora": model.get("lora"),
+                "ephemeral": sampler_id is not None,
+            },
+        )
         update = {"last_checkpoint" if kind == "weights" else "last_sampler_checkpoint": path}
         runtime.registry.update_model(model_id, **update)
         if sampler_id is not None:

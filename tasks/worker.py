@@ -45,8 +45,12 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     period = runtime.settings.heartbeat_s
     while not stop.is_set():
         try:
-            info = {**runtime.status(), "pid": os.getpid(), "host": socket.gethostname(),
-                    "physical_device": runtime.settings.physical_device or runtime.settings.device}
+            info = {
+                **runtime.status(),
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "physical_device": runtime.settings.physical_device or runtime.settings.device,
+            }
             runtime.registry.register_worker(runtime.name, info, ttl_s=3 * period)
         except Exception:  # Redis briefly away: keep beating
             log.exception("heartbeat failed")
@@ -146,17 +150,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default=env.device, help="cpu or cuda:N")
     parser.add_argument("--name", default=env.worker_name, help="readable worker name (queue worker.<name>)")
-    parser.add_argument("--role", default=env.role,
-                        help="train, sample or train,sample (default: both, so one worker runs everything)")
-    parser.add_argument("--tensor-parallel", type=int, default=env.tensor_parallel,
-                        help="Megatron backend: ranks in this worker's tensor-parallel group, one per device in --device")
+    parser.add_argument("--role", default=env.role, help="train, sample or train,sample (default: both, so one worker runs everything)")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=env.tensor_parallel,
+        help="Megatron backend: ranks in this worker's tensor-parallel group, one per device in --device",
+    )
     parser.add_argument("--loglevel", default=env.log_level)
     args, extra = parser.parse_known_args(argv)
     name = args.name or default_name(args.device)
     settings = replace(
-        env, device=pin_device(args.device),  # before anything imports torch
-        physical_device=env.physical_device or args.device, worker_name=name, role=args.role,
-        tensor_parallel=args.tensor_parallel, log_level=args.loglevel,
+        env,
+        device=pin_device(args.device),  # before anything imports torch
+        physical_device=env.physical_device or args.device,
+        worker_name=name,
+        role=args.role,
+        tensor_parallel=args.tensor_parallel,
+        log_level=args.loglevel,
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tune_malloc()
@@ -189,11 +200,24 @@ def main(argv: list[str] | None = None) -> None:
                 f"worker {name}: training backend 'megatron' (USE_MEGATRON / TINKERBELL_TRAINING_BACKEND) needs "
                 f"megatron-core, which is not installed here: {TRAINING_BACKENDS['megatron'][2]}"
             )
-    app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-        f"--prefetch-multiplier={settings.worker_prefetch}", "-n", f"{name}@{socket.gethostname()}",
-        "-Q", worker_queue(name), "--loglevel", args.loglevel, "-E", "--without-gossip", "--without-mingle", *extra,
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--prefetch-multiplier={settings.worker_prefetch}",
+            "-n",
+            f"{name}@{socket.gethostname()}",
+            "-Q",
+            worker_queue(name),
+            "--loglevel",
+            args.loglevel,
+            "-E",
+            "--without-gossip",
+            "--without-mingle",
+            *extra,
+        ]
+    )
 
 
 if __name__ == "__main__":

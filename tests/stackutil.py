@@ -85,17 +85,19 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "TINKERBELL_BROKER_URL": self.redis.url(self.db),
-            "TINKERBELL_DATA_DIR": str(self.data_dir),
-            "TINKERBELL_MODELS_DIR": str(self.models_dir),
-            "TINKERBELL_BASE_MODEL": self.base_model,
-            "TINKERBELL_HEARTBEAT_S": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-        })
+        env.update(
+            {
+                "TINKERBELL_BROKER_URL": self.redis.url(self.db),
+                "TINKERBELL_DATA_DIR": str(self.data_dir),
+                "TINKERBELL_MODELS_DIR": str(self.models_dir),
+                "TINKERBELL_BASE_MODEL": self.base_model,
+                "TINKERBELL_HEARTBEAT_S": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT),
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -109,7 +111,9 @@ class Stack:
 
         return Registry(Settings.from_env(self.env))
 
-    def start_worker(self, name: str, wait: bool = True, python: str | None = None, args: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.Popen:
+    def start_worker(
+        self, name: str, wait: bool = True, python: str | None = None, args: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.Popen:
         """A worker process: `python` (default this interpreter; e.g. the vLLM venv's), extra CLI `args`
         (e.g. ["--role", "sample"]) and `env` on top of the stack's."""
         command = [python or sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO", *(args or [])]
@@ -118,7 +122,11 @@ class Stack:
         self.procs[f"worker-{name}"] = proc
         if wait:
             registry = self.registry()
-            wait_for(lambda: any(w["name"] == name for w in registry.live_workers()) and registry.redis.exists("tb:losses:builtin") or proc.poll() is not None, timeout, f"worker {name}")
+            wait_for(
+                lambda: any(w["name"] == name for w in registry.live_workers()) and registry.redis.exists("tb:losses:builtin") or proc.poll() is not None,
+                timeout,
+                f"worker {name}",
+            )
             if proc.poll() is not None:
                 raise RuntimeError(f"worker {name} exited: {(self.data_dir / f'worker-{name}.log').read_text()[-3000:]}")
         return proc

@@ -93,7 +93,7 @@ def test_compose_file_in_place_is_valid() -> None:
     [
         ("    image: redis:7-alpine\n", "    image: redis:7-alpine\n    no_such_key: 1\n"),  # unknown service key
         ("  flower:\n    <<: *tinkerbell-image\n", "  flower:\n    <<: *tinkerbell-image\n    depends_on: [nowhere]\n"),  # unknown service
-        ("      device_ids: [\"0\"]", "      device_ids: [\"0\""),  # broken YAML
+        ('      device_ids: ["0"]', '      device_ids: ["0"'),  # broken YAML
         ("  worker-gpu0:\n", "  worker-gpu0:\n    restart: [always]\n"),  # wrong type
     ],
 )
@@ -193,7 +193,9 @@ def test_data_volume_is_shared_by_api_and_workers(config: dict[str, Any]) -> Non
 
 
 def test_dotenv_is_optional_and_cannot_move_the_stack_off_its_redis(project: Path) -> None:
-    (project / ".env").write_text("TINKERBELL_BASE_MODEL=org/model\nTINKERBELL_BROKER_URL=redis://elsewhere:6379/0\nTINKERBELL_FLOWER_PASSWORD=s3cret\nTINKERBELL_PORT=9000\n")
+    (project / ".env").write_text(
+        "TINKERBELL_BASE_MODEL=org/model\nTINKERBELL_BROKER_URL=redis://elsewhere:6379/0\nTINKERBELL_FLOWER_PASSWORD=s3cret\nTINKERBELL_PORT=9000\n"
+    )
     services = resolved(project)["services"]
     assert services["api"]["environment"]["TINKERBELL_BASE_MODEL"] == "org/model"
     assert services["worker-gpu0"]["environment"]["TINKERBELL_BROKER_URL"] == "redis://redis:6379/0"
@@ -265,7 +267,15 @@ def test_access_log_line_names_request_status_size_and_time_but_no_header(tmp_pa
     from gunicorn.glogging import Logger
 
     conf = runpy.run_path(str(ROOT / "api" / "gunicorn_conf.py"))
-    environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "RAW_URI": "/fwdbwd?x=1", "PATH_INFO": "/fwdbwd", "QUERY_STRING": "x=1", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_AUTHORIZATION": "Bearer tml-secret"}
+    environ = {
+        "REMOTE_ADDR": "10.0.0.7",
+        "REQUEST_METHOD": "POST",
+        "RAW_URI": "/fwdbwd?x=1",
+        "PATH_INFO": "/fwdbwd",
+        "QUERY_STRING": "x=1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_AUTHORIZATION": "Bearer tml-secret",
+    }
     resp = SimpleNamespace(status="200 OK", sent=123, headers=[("Content-Type", "application/json")])
     req = SimpleNamespace(headers=[("AUTHORIZATION", "Bearer tml-secret")])
     cfg = Config()
@@ -275,9 +285,7 @@ def test_access_log_line_names_request_status_size_and_time_but_no_header(tmp_pa
     assert (tmp_path / "access.log").read_text() == 'api.access 10.0.0.7 "POST /fwdbwd?x=1 HTTP/1.1" 200 123 1234ms\n'
 
 
-def test_gunicorn_starts_its_workers_on_an_empty_metrics_directory(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_gunicorn_starts_its_workers_on_an_empty_metrics_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A previous run's prometheus_client files would add its counts to this run's; a directory the conf made
     itself goes when gunicorn exits."""
     (tmp_path / "counter_4242.db").write_bytes(b"stale")

@@ -39,9 +39,24 @@ def smol(make_stack, tmp_path_factory):
     stack = make_stack(1, {"TINKERBELL_AUTH": "off"}, base_model=DEFAULT_MODEL)
     hf_home = tmp_path_factory.mktemp("hf")
     env = {**stack.env, "HF_HOME": str(hf_home)}
-    install = subprocess.run([sys.executable, "-m", "backends.models", "install-tokenizer", "--model", DEFAULT_MODEL], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "backends.models", "install-tokenizer", "--model", DEFAULT_MODEL],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
-    client_env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TINKER_API_KEY": "tml-cookbook", "TINKER_TELEMETRY": "0", "TOKENIZERS_PARALLELISM": "false"}
+    client_env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "TINKER_API_KEY": "tml-cookbook",
+        "TINKER_TELEMETRY": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     return stack, client_env
 
 
@@ -63,14 +78,30 @@ def test_supervised_trainer_runs_ten_steps_with_saves_and_sampler_nll_eval(smol,
     (tmp_path / "sl_train.py").write_text(SL_WRAPPER)
     data = Path(tinker_cookbook.__file__).parent / "example_data" / "conversations.jsonl"
     log_path = tmp_path / "sl-log"
-    _run([
-        sys.executable, str(tmp_path / "sl_train.py"),
-        "recipe_name=tinkerbell_test", f"model_name={DEFAULT_MODEL}", "renderer_name=qwen3_instruct", f"base_url={stack.url}",
-        "dataset_builder=tinker_cookbook.supervised.data:FromConversationFileBuilder", f"dataset_builder.file_path={data}",
-        "dataset_builder.test_size=4", f"dataset_builder.common_config.model_name_for_tokenizer={DEFAULT_MODEL}",
-        "dataset_builder.common_config.renderer_name=qwen3_instruct", "dataset_builder.common_config.max_length=128",
-        "dataset_builder.common_config.batch_size=2", "max_steps=10", "save_every=5", "eval_every=5", "lora_rank=8", f"log_path={log_path}",
-    ], env, tmp_path)
+    _run(
+        [
+            sys.executable,
+            str(tmp_path / "sl_train.py"),
+            "recipe_name=tinkerbell_test",
+            f"model_name={DEFAULT_MODEL}",
+            "renderer_name=qwen3_instruct",
+            f"base_url={stack.url}",
+            "dataset_builder=tinker_cookbook.supervised.data:FromConversationFileBuilder",
+            f"dataset_builder.file_path={data}",
+            "dataset_builder.test_size=4",
+            f"dataset_builder.common_config.model_name_for_tokenizer={DEFAULT_MODEL}",
+            "dataset_builder.common_config.renderer_name=qwen3_instruct",
+            "dataset_builder.common_config.max_length=128",
+            "dataset_builder.common_config.batch_size=2",
+            "max_steps=10",
+            "save_every=5",
+            "eval_every=5",
+            "lora_rank=8",
+            f"log_path={log_path}",
+        ],
+        env,
+        tmp_path,
+    )
 
     metrics = _jsonl(log_path / "metrics.jsonl")
     train_steps = [m for m in metrics if "train_mean_nll" in m]
@@ -86,12 +117,29 @@ def test_supervised_trainer_runs_ten_steps_with_saves_and_sampler_nll_eval(smol,
 def test_math_rl_trainer_runs_three_iterations_with_a_save_and_a_sampler_from_it(smol, tmp_path):
     stack, env = smol
     log_path = tmp_path / "rl-log"
-    _run([
-        sys.executable, "-m", "tinker_cookbook.recipes.math_rl.train",
-        f"model_name={DEFAULT_MODEL}", "renderer_name=qwen3_instruct", "env=arithmetic", "loss_fn=importance_sampling",
-        "group_size=2", "groups_per_batch=2", "max_tokens=5", "max_steps=3", "eval_every=0", "save_every=2", "lora_rank=8",
-        f"base_url={stack.url}", f"log_path={log_path}", "behavior_if_log_dir_exists=delete",
-    ], env, tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "tinker_cookbook.recipes.math_rl.train",
+            f"model_name={DEFAULT_MODEL}",
+            "renderer_name=qwen3_instruct",
+            "env=arithmetic",
+            "loss_fn=importance_sampling",
+            "group_size=2",
+            "groups_per_batch=2",
+            "max_tokens=5",
+            "max_steps=3",
+            "eval_every=0",
+            "save_every=2",
+            "lora_rank=8",
+            f"base_url={stack.url}",
+            f"log_path={log_path}",
+            "behavior_if_log_dir_exists=delete",
+        ],
+        env,
+        tmp_path,
+    )
 
     assert len(_jsonl(log_path / "metrics.jsonl")) >= 3
     checkpoints = {c["name"]: c for c in _jsonl(log_path / "checkpoints.jsonl")}

@@ -149,7 +149,13 @@ def test_dpo_through_the_decorator_equals_dpo_in_process(custom_stack, alice, mo
 
     model = plain_peft(models_dir, checkpoint_dir(custom_stack, start))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=DPO_ADAM["learning_rate"], betas=(DPO_ADAM["beta1"], DPO_ADAM["beta2"]), eps=DPO_ADAM["eps"], weight_decay=DPO_ADAM["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        list(named.values()),
+        lr=DPO_ADAM["learning_rate"],
+        betas=(DPO_ADAM["beta1"], DPO_ADAM["beta2"]),
+        eps=DPO_ADAM["eps"],
+        weight_decay=DPO_ADAM["weight_decay"],
+    )
     logprobs, mask = pad_batch([plain_logprobs(model, d) for d in batch])  # (B, T), (B, T)
     inputs = {k: pad_batch([torch.tensor(d["loss_fn_inputs"][k]) for d in batch])[0] for k in ("target_tokens", "weights", "ref_logprobs")}
     expected = dpo_loss({"logprobs": logprobs, "target_tokens": inputs["target_tokens"]}, inputs, mask, beta=0.5)

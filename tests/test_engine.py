@@ -151,16 +151,17 @@ def test_out_of_order_delivery_runs_in_seq_order_and_a_resent_request_applies_on
     ids = {1: str(uuid.uuid4()), 2: str(uuid.uuid4())}
     for seq, kind in ((1, "forward_backward"), (2, "optim_step")):  # admitted (as the API does), not yet queued
         registry.submit(model_id, seq, ids[seq], "", queue, LOCAL_OWNER, kind)
-    step = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 5e-2, "beta1": 0.9, "beta2": 0.95,
-                                                                 "eps": 1e-12, "weight_decay": 0.0, "grad_clip_norm": 0.0}}
-    fwdbwd = {"model_id": model_id, "seq_id": 1, "data": [wire_datum(d) for d in data], "loss_fn": "cross_entropy",
-              "loss_fn_config": {}, "forward_only": False}
+    step = {
+        "model_id": model_id,
+        "seq_id": 2,
+        "adam_params": {"learning_rate": 5e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0, "grad_clip_norm": 0.0},
+    }
+    fwdbwd = {"model_id": model_id, "seq_id": 1, "data": [wire_datum(d) for d in data], "loss_fn": "cross_entropy", "loss_fn_config": {}, "forward_only": False}
     publish_directly(engine_stack, "tinkerbell.optim_step", step, ids[2], queue)  # seq 2 first
     # While the optim_step waits in the engine for seq 1, the worker's consumer is free: `inspect active` answers
     # at once and lists it (on the solo pool a busy worker could not answer at all).
     active: dict = {}
-    wait_for(lambda: ids[2] in str(active.update(inspector(engine_stack).active() or {}) or active), 20,
-             "the held optim_step in `inspect active`")
+    wait_for(lambda: ids[2] in str(active.update(inspector(engine_stack).active() or {}) or active), 20, "the held optim_step in `inspect active`")
     publish_directly(engine_stack, "tinkerbell.forward_backward", fwdbwd, ids[1], queue)
     tb.retrieve_future(ids[2]).result(60)
     tb.retrieve_future(ids[1]).result(60)
@@ -228,8 +229,7 @@ def test_sixty_four_concurrent_samples_share_generation_loops(engine_stack):
     assert len({tuple(solo[j]["sequences"][0]["tokens"]) for j in range(8)}) > 1  # the adapters really differ
     before = engine_stats_now(engine_stack, time.time())
     with ThreadPoolExecutor(64) as pool:
-        together = list(pool.map(
-            lambda j: tb.sample(prompts[j], model_path=paths[j % 8], max_tokens=8, temperature=0.0).result(120), range(64)))
+        together = list(pool.map(lambda j: tb.sample(prompts[j], model_path=paths[j % 8], max_tokens=8, temperature=0.0).result(120), range(64)))
     after = engine_stats_now(engine_stack, time.time())
     for j in range(64):
         assert together[j]["sequences"][0]["tokens"] == solo[j]["sequences"][0]["tokens"], j

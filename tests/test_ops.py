@@ -23,7 +23,17 @@ from tasks.celery_app import make_app
 from tests.stackutil import ROOT, Stack, free_port, wait_for
 
 ADAM = {"learning_rate": 1e-2}
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -88,7 +98,14 @@ def flower(stack: Stack):
     port = free_port()
     env = {**stack.env, "FLOWER_BASIC_AUTH": "ops:secret"}
     log = open(stack.data_dir / "flower.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def workers_listed() -> bool:
@@ -121,7 +138,14 @@ def trained(stack: Stack, tb: TinkerbellClient, celery_control: Celery, flower: 
     sampled = tb.sample(datum(4)["model_input"], max_tokens=4, temperature=0.0, stop=[]).result(120)  # stop=[]: 4 tokens
     after = scrape(stack)
     tokens = sum(len(d["model_input"]) for d in batch)
-    return {"model_id": model_id, "before": before, "after": after, "tokens": tokens, "queues": queues_after_create, "sampled": sum(len(s["tokens"]) for s in sampled["sequences"])}
+    return {
+        "model_id": model_id,
+        "before": before,
+        "after": after,
+        "tokens": tokens,
+        "queues": queues_after_create,
+        "sampled": sum(len(s["tokens"]) for s in sampled["sequences"]),
+    }
 
 
 def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
@@ -131,7 +155,10 @@ def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
     assert trained["sampled"] > 0
     assert value(after, "tinkerbell_tokens_sampled_total") - value(before, "tinkerbell_tokens_sampled_total") == trained["sampled"]
     for route in ("/add_lora", "/fwdbwd", "/optim_step"):
-        assert value(after, "tinkerbell_http_requests_total", method="POST", route=route, status="200") >= value(before, "tinkerbell_http_requests_total", method="POST", route=route, status="200") + 1
+        assert (
+            value(after, "tinkerbell_http_requests_total", method="POST", route=route, status="200")
+            >= value(before, "tinkerbell_http_requests_total", method="POST", route=route, status="200") + 1
+        )
         count = value(after, "tinkerbell_http_request_duration_seconds_count", method="POST", route=route)
         assert count >= 1
         assert value(after, "tinkerbell_http_request_duration_seconds_bucket", method="POST", route=route, le="+Inf") == count
@@ -147,7 +174,10 @@ def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
 
 def test_metrics_count_errors_by_status(stack: Stack) -> None:
     before = scrape(stack)
-    assert requests.post(stack.url + "/fwdbwd", json={"model_id": "nope:train:0", "data": [datum(3)]}, headers={"X-API-Key": "tml-ops"}, timeout=10).status_code == 404
+    assert (
+        requests.post(stack.url + "/fwdbwd", json={"model_id": "nope:train:0", "data": [datum(3)]}, headers={"X-API-Key": "tml-ops"}, timeout=10).status_code
+        == 404
+    )
     after = scrape(stack)
     labels = {"method": "POST", "route": "/fwdbwd", "status": "404"}
     assert value(after, "tinkerbell_http_requests_total", **labels) == value(before, "tinkerbell_http_requests_total", **labels) + 1
@@ -165,7 +195,13 @@ def test_status_page_in_headless_chromium(stack: Stack, trained: dict) -> None:
     adapters = len(stack.registry().worker_adapters("w0"))
     assert adapters >= 1
     with tempfile.TemporaryDirectory(prefix="tb-chromium-") as profile:
-        done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", stack.url + "/"], check=False, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", stack.url + "/"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     dom = done.stdout
     assert "<html" in dom, done.stderr[-3000:]
     assert re.search(r'id="state"[^>]*data-refreshes="\d+"', dom), f"the page never loaded status.json: {dom[:3000]}"
@@ -216,7 +252,14 @@ def test_metrics_agree_across_gunicorn_processes(stack: Stack, tmp_path: Path) -
     port = free_port()
     env = {**stack.env, "TINKERBELL_PORT": str(port), "TINKERBELL_AUTH": "off"}
     log = open(tmp_path / "gunicorn.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "--workers", "2", "api:create_app()"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "--workers", "2", "api:create_app()"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ok(url + "/healthz") or proc.poll() is not None, 60, "gunicorn")
@@ -254,7 +297,12 @@ def test_demo_fine_tunes_through_the_sdk(stack: Stack, tmp_path: Path) -> None:
     env = {**stack.env, "HF_HOME": str(tmp_path / "hf"), "TINKER_TELEMETRY": "0"}
     done = subprocess.run(
         [sys.executable, "examples/demo.py", "--url", stack.url, "--base-model", stack.base_model, "--steps", "3", "--batch-size", "2", "--plot", str(plot)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "before training  Q: What is the capital of France?" in done.stdout

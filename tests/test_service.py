@@ -85,7 +85,9 @@ def test_one_optim_step_equals_in_process_adamw(stack, tb, models_dir):
 
     model = plain_peft(models_dir, checkpoint_dir(stack, start))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=adam["learning_rate"], betas=(adam["beta1"], adam["beta2"]), eps=adam["eps"], weight_decay=adam["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        list(named.values()), lr=adam["learning_rate"], betas=(adam["beta1"], adam["beta2"]), eps=adam["eps"], weight_decay=adam["weight_decay"]
+    )
     # One batched forward, as the service runs it (both datums have the same length: no padding).
     tokens = torch.tensor([d["model_input"] for d in batch])  # (B, N)
     targets = torch.tensor([d["loss_fn_inputs"]["target_tokens"] for d in batch])  # (B, N)
@@ -279,7 +281,9 @@ def test_resent_seq_id_applies_once(stack, tb):
     assert first == again
     # seq 3 arrives before seq 2: it waits for 2, then both run in order.
     third = requests.post(stack.url + "/fwdbwd", json={**body, "seq_id": 3, "forward_only": True}, headers=headers, timeout=10).json()["request_id"]
-    second = requests.post(stack.url + "/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.05}}, headers=headers, timeout=10).json()["request_id"]
+    second = requests.post(
+        stack.url + "/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.05}}, headers=headers, timeout=10
+    ).json()["request_id"]
     loss_before = tb.retrieve_future(first).result(60)["metrics"]["loss:sum"]
     tb.retrieve_future(second).result(60)
     loss_after = tb.retrieve_future(third).result(60)["metrics"]["loss:sum"]
@@ -293,9 +297,13 @@ def test_requests_held_behind_a_seq_id_that_never_comes_run_after_the_gap_timeou
     tb = TinkerbellClient(gappy.url, api_key="tml-test")
     model_id = tb.add_lora(rank=4).result(120)["model_id"]
     headers = {"X-API-Key": "tml-test"}
-    held = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 2, "data": [make_datum(1)]}, headers=headers, timeout=10).json()["request_id"]
+    held = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 2, "data": [make_datum(1)]}, headers=headers, timeout=10).json()[
+        "request_id"
+    ]
     assert tb.retrieve_future(held).result(30)["metrics"]["loss:sum"] > 0  # seq 1 never came: seq 2 ran after the timeout
     late = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 1, "data": [make_datum(1)]}, headers=headers, timeout=10)
     assert late.status_code == 400 and "seq_id 1" in late.json()["error"]
-    after = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 3, "data": [make_datum(2)]}, headers=headers, timeout=10).json()["request_id"]
+    after = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 3, "data": [make_datum(2)]}, headers=headers, timeout=10).json()[
+        "request_id"
+    ]
     assert tb.retrieve_future(after).result(30)["metrics"]["loss:sum"] > 0  # the model goes on

@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 STACK_SCRIPT = ROOT / "scripts" / "stack.py"
 
 
-
 NVIDIA_SMI_L = """GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa-0000)
 GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb-1111)
   MIG 1g.10gb     Device  0: (UUID: MIG-cccc)
@@ -180,18 +179,33 @@ def running_stack(models_dir: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """`python scripts/stack.py --workers 1` on free ports with the tiny model; stopped with SIGINT by the test."""
     port, redis_port, flower_port = distinct_free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TINKERBELL_")}
-    env.update({
-        "TINKERBELL_BASE_MODEL": TINY_MODEL,
-        "TINKERBELL_MODELS_DIR": str(models_dir),
-        "TINKERBELL_DATA_DIR": str(tmp_path / "data"),
-        "TINKERBELL_FLOWER_USER": "operator",
-        "TINKERBELL_FLOWER_PASSWORD": "flower-test-password",
-        "TINKERBELL_HEARTBEAT_S": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    })
-    argv = [sys.executable, str(STACK_SCRIPT), "--workers", "1", "--port", str(port), "--redis-port", str(redis_port), "--flower-port", str(flower_port), "--log-file", str(tmp_path / "stack.log")]
+    env.update(
+        {
+            "TINKERBELL_BASE_MODEL": TINY_MODEL,
+            "TINKERBELL_MODELS_DIR": str(models_dir),
+            "TINKERBELL_DATA_DIR": str(tmp_path / "data"),
+            "TINKERBELL_FLOWER_USER": "operator",
+            "TINKERBELL_FLOWER_PASSWORD": "flower-test-password",
+            "TINKERBELL_HEARTBEAT_S": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    argv = [
+        sys.executable,
+        str(STACK_SCRIPT),
+        "--workers",
+        "1",
+        "--port",
+        str(port),
+        "--redis-port",
+        str(redis_port),
+        "--flower-port",
+        str(flower_port),
+        "--log-file",
+        str(tmp_path / "stack.log"),
+    ]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.stdout is not None
     gpus = stack_script.detect_gpus()
@@ -235,7 +249,13 @@ def test_stack_trains_over_http_and_sigint_leaves_no_process(running_stack: dict
     proc, output, api, flower, worker = (running_stack[k] for k in ("proc", "output", "api", "flower", "worker"))
 
     # /healthz over HTTP lists the worker the stack started.
-    health = wait_for(lambda: (r := requests.get(f"{api}/healthz", timeout=5)).ok and worker in {w["name"] for w in r.json()["workers"]} and r.json(), 240, "/healthz with the worker", proc, output)
+    health = wait_for(
+        lambda: (r := requests.get(f"{api}/healthz", timeout=5)).ok and worker in {w["name"] for w in r.json()["workers"]} and r.json(),
+        240,
+        "/healthz with the worker",
+        proc,
+        output,
+    )
     assert health["status"] == "ok"
     wait_for(lambda: "Tinkerbell is up." in output.text, 60, "the stack's banner", proc, output)
     banner = output.text
@@ -251,15 +271,37 @@ def test_stack_trains_over_http_and_sigint_leaves_no_process(running_stack: dict
     # Flower: closed without the login, lists the worker with it.
     assert requests.get(f"{flower}/api/workers", timeout=10).status_code == 401
     auth = ("operator", "flower-test-password")
-    workers = wait_for(lambda: (r := requests.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30)).ok and r.json(), 60, "Flower's worker list", proc, output)
+    workers = wait_for(
+        lambda: (r := requests.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30)).ok and r.json(),
+        60,
+        "Flower's worker list",
+        proc,
+        output,
+    )
     assert any(node.split("@")[0] == worker for node in workers), workers
 
     # The worker answers the ping docker-compose.yml uses as its healthcheck (node <name>@<hostname>).
-    ping = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "-d", f"{worker}@{socket.gethostname()}", "--timeout", "10"], cwd=ROOT, env=running_stack["env"], capture_output=True, text=True, timeout=60, check=False)
+    ping = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "-d", f"{worker}@{socket.gethostname()}", "--timeout", "10"],
+        cwd=ROOT,
+        env=running_stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
     # A key made with the operator command, then one training step through the native API.
-    created = subprocess.run([sys.executable, "-m", "api.keys", "create", "--name", "stack-test"], cwd=ROOT, env=running_stack["env"], capture_output=True, text=True, timeout=60, check=True)
+    created = subprocess.run(
+        [sys.executable, "-m", "api.keys", "create", "--name", "stack-test"],
+        cwd=ROOT,
+        env=running_stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     headers = {"X-API-Key": created.stdout.split()[-1]}
     assert requests.post(f"{api}/add_lora", json={"base_model": TINY_MODEL}, timeout=10).status_code == 401
 

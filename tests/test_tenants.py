@@ -30,11 +30,24 @@ def tenants(make_stack):
     alice.create_sampling_client(model_path=sampler_path).get_base_model()
     [sampler_id] = registry.session_children(alice.holder.get_session_id(), "samplers")
     # a future of alice's, from the HTTP API (a second model in her session, so her client's seq_ids stay untouched)
-    response = requests.post(stack.url + "/api/v1/create_model", json={"session_id": alice.holder.get_session_id(), "model_seq_id": 1, "base_model": TINY_MODEL, "lora_config": {"rank": 4}}, headers={"X-API-Key": alice_key}, timeout=10)
+    response = requests.post(
+        stack.url + "/api/v1/create_model",
+        json={"session_id": alice.holder.get_session_id(), "model_seq_id": 1, "base_model": TINY_MODEL, "lora_config": {"rank": 4}},
+        headers={"X-API-Key": alice_key},
+        timeout=10,
+    )
     request_id = response.json()["request_id"]
     yield {
-        "stack": stack, "alice": alice, "bob": bob, "alice_key": alice_key, "bob_key": bob_key, "training": training,
-        "state": state, "sampler_path": sampler_path, "sampler_id": sampler_id, "request_id": request_id,
+        "stack": stack,
+        "alice": alice,
+        "bob": bob,
+        "alice_key": alice_key,
+        "bob_key": bob_key,
+        "training": training,
+        "state": state,
+        "sampler_path": sampler_path,
+        "sampler_id": sampler_id,
+        "request_id": request_id,
         "session_id": alice.holder.get_session_id(),
     }
     for client in (alice, bob):
@@ -74,7 +87,15 @@ def test_second_key_cannot_train_load_sample_or_poll_the_first_keys_objects(tena
         ("/api/v1/optim_step", {"model_id": tenants["training"].model_id, "seq_id": 99, "adam_params": {"learning_rate": 1e-3}}),
         ("/api/v1/retrieve_future", {"request_id": tenants["request_id"]}),
         ("/api/v1/session_heartbeat", {"session_id": tenants["session_id"]}),
-        ("/api/v1/asample", {"sampling_session_id": tenants["sampler_id"], "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}, "num_samples": 1, "sampling_params": {"max_tokens": 2}}),
+        (
+            "/api/v1/asample",
+            {
+                "sampling_session_id": tenants["sampler_id"],
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                "num_samples": 1,
+                "sampling_params": {"max_tokens": 2},
+            },
+        ),
     ):
         response = requests.post(stack.url + path, json=body, headers=headers, timeout=30)
         assert response.status_code == 404, (path, response.status_code, response.text)

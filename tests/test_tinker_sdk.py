@@ -95,14 +95,16 @@ def test_rl_step_sample_then_importance_sampling_and_ppo(service):
         assert seq.stop_reason in ("length", "stop") and seq.sequence_id
         full = prompt_tokens + list(seq.tokens)
         n_prompt = len(prompt_tokens) - 1
-        data.append(tinker.Datum(
-            model_input=tinker.ModelInput.from_ints(full[:-1]),
-            loss_fn_inputs={
-                "target_tokens": full[1:],
-                "logprobs": [0.0] * n_prompt + list(seq.logprobs),
-                "advantages": [0.0] * n_prompt + [float(i) - 1.5] * len(seq.tokens),
-            },
-        ))
+        data.append(
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints(full[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": full[1:],
+                    "logprobs": [0.0] * n_prompt + list(seq.logprobs),
+                    "advantages": [0.0] * n_prompt + [float(i) - 1.5] * len(seq.tokens),
+                },
+            )
+        )
     out = tc.forward_backward(data, "importance_sampling").result(timeout=60)
     for datum, seq, output in zip(data, result.sequences, out.loss_fn_outputs):
         trained = logprobs(output)
@@ -158,7 +160,10 @@ def test_resume_with_optimizer_continues_exactly_and_without_optimizer_loads_wei
     for client in (original, resumed, weights_only):
         client.forward_backward(batch, "cross_entropy").result(timeout=60)
         client.optim_step(ADAM).result(timeout=60)
-    after = {name: [logprobs(o) for o in c.forward(batch, "cross_entropy").result(timeout=60).loss_fn_outputs] for name, c in (("original", original), ("resumed", resumed), ("weights_only", weights_only))}
+    after = {
+        name: [logprobs(o) for o in c.forward(batch, "cross_entropy").result(timeout=60).loss_fn_outputs]
+        for name, c in (("original", original), ("resumed", resumed), ("weights_only", weights_only))
+    }
     for got, want in zip(after["resumed"], after["original"]):
         np.testing.assert_allclose(got, want, atol=1e-6)
     # A fresh Adam state takes a different first step than the restored one.
@@ -173,7 +178,9 @@ def test_compute_logprobs_equals_forward_logprobs(service):
     sampler = tc.save_weights_and_get_sampling_client()
     prompt_lps = sampler.compute_logprobs(tinker.ModelInput.from_ints(tokens)).result(timeout=60)
     assert prompt_lps[0] is None and len(prompt_lps) == len(tokens)
-    datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     forward = logprobs(tc.forward([datum], "cross_entropy").result(timeout=60).loss_fn_outputs[0])
     np.testing.assert_allclose(prompt_lps[1:], forward, atol=2e-4)
 
@@ -214,7 +221,9 @@ def test_rest_client_lists_and_deletes_and_the_cli_lists_and_downloads(stack, se
     listing = subprocess.run([*cli, "list", "--run-id", tc.model_id], env=env, check=False, capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert keep in listing.stdout
-    runs = subprocess.run([sys.executable, "-m", "tinker.cli", "--format", "json", "run", "list"], env=env, check=False, capture_output=True, text=True, timeout=120)
+    runs = subprocess.run(
+        [sys.executable, "-m", "tinker.cli", "--format", "json", "run", "list"], env=env, check=False, capture_output=True, text=True, timeout=120
+    )
     assert runs.returncode == 0 and tc.model_id in runs.stdout, runs.stderr
     download = subprocess.run([*cli, "download", keep, "--output", str(tmp_path)], env=env, check=False, capture_output=True, text=True, timeout=300)
     assert download.returncode == 0, download.stdout + download.stderr
@@ -237,7 +246,9 @@ def test_external_weights_links_are_signed_and_expire(stack, service):
 def _proto_fwdbwd(model_id: str, seq_id: int, datum: tinker.Datum) -> bytes:
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
-    request = types.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"))
+    request = types.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")
+    )
     return zstandard.ZstdCompressor().compress(forward_backward_request_to_proto(request).SerializeToString())
 
 
@@ -250,7 +261,9 @@ def test_chunks_sent_out_of_order_run_in_seq_order_and_resends_apply_once(stack,
     assert post(1, make_datum(50)).json()["request_id"] == first
     results = []
     for request_id in (first, second):
-        answer = requests.post(stack.url + "/api/v1/retrieve_future", json={"request_id": request_id}, headers={"X-API-Key": KEY, "Accept": "application/x-protobuf"}, timeout=60)
+        answer = requests.post(
+            stack.url + "/api/v1/retrieve_future", json={"request_id": request_id}, headers={"X-API-Key": KEY, "Accept": "application/x-protobuf"}, timeout=60
+        )
         assert answer.headers["Content-Type"].startswith("application/x-protobuf")
         out = pb.ForwardBackwardOutput()
         out.ParseFromString(answer.content)
@@ -262,9 +275,19 @@ def test_chunks_sent_out_of_order_run_in_seq_order_and_resends_apply_once(stack,
 
 
 BAD = [
-    ("token out of range", lambda: [tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 10**7]), loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})], "cross_entropy", "model_input"),
+    (
+        "token out of range",
+        lambda: [tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 10**7]), loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})],
+        "cross_entropy",
+        "model_input",
+    ),
     ("unknown loss", lambda: [make_datum(1)], "no_such_loss", "loss_fn"),
-    ("length mismatch", lambda: [tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})], "cross_entropy", "differs from model_input length"),
+    (
+        "length mismatch",
+        lambda: [tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})],
+        "cross_entropy",
+        "differs from model_input length",
+    ),
 ]
 
 
@@ -309,17 +332,32 @@ def test_bootstrap_flags_and_capabilities(stack, service):
 def test_example_script_runs_with_the_documented_tokenizer_install(stack, tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**stack.env, "HF_HOME": str(tmp_path / "hf"), "TINKER_BASE_URL": stack.url, "TINKER_API_KEY": KEY, "TINKER_TELEMETRY": "0"}
-    install = subprocess.run([sys.executable, "-m", "backends.models", "install-tokenizer", "--model", TINY_MODEL], cwd=root, env=env, check=False, capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "backends.models", "install-tokenizer", "--model", TINY_MODEL],
+        cwd=root,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr
     env.update(TINKERBELL_EXAMPLE_MODEL=TINY_MODEL, TINKERBELL_EXAMPLE_STEPS="3")
-    run = subprocess.run([sys.executable, str(root / "examples" / "tinker_sdk_example.py")], cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(root / "examples" / "tinker_sdk_example.py")], cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "step 2: loss" in run.stdout and "sample:" in run.stdout
 
 
 def test_resent_create_model_answers_with_the_same_future(stack, service):
     headers = {"X-API-Key": KEY}
-    session_id = requests.post(stack.url + "/api/v1/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"}, headers=headers, timeout=10).json()["session_id"]
+    session_id = requests.post(
+        stack.url + "/api/v1/create_session",
+        json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0", "type": "create_session"},
+        headers=headers,
+        timeout=10,
+    ).json()["session_id"]
     create = {"session_id": session_id, "model_seq_id": 0, "base_model": TINY_MODEL, "lora_config": {"rank": 4}, "type": "create_model"}
     first = requests.post(stack.url + "/api/v1/create_model", json=create, headers=headers, timeout=10)
     again = requests.post(stack.url + "/api/v1/create_model", json=create, headers=headers, timeout=10)

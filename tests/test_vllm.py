@@ -55,8 +55,14 @@ class VLLMProcess:
         self.log = log
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
-                [str(VLLM_PYTHON), "-m", "backends.vllm", "serve-stdio"], cwd=ROOT, env=env, text=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+                [str(VLLM_PYTHON), "-m", "backends.vllm", "serve-stdio"],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
             )
         self.last_batch: dict[str, int] = {}
 
@@ -122,8 +128,14 @@ def hf(smol_settings):
 
 @pytest.fixture(scope="module")
 def vllm(smol_settings, tmp_path_factory):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TINKERBELL_MODELS_DIR": smol_settings.models_dir,
-           "TINKERBELL_DATA_DIR": smol_settings.data_dir, **VLLM_ENV}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "TINKERBELL_MODELS_DIR": smol_settings.models_dir,
+        "TINKERBELL_DATA_DIR": smol_settings.data_dir,
+        **VLLM_ENV,
+    }
     process = VLLMProcess(env, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
     process.call({"load": SMOL})
     yield process
@@ -149,10 +161,13 @@ def trained(smol_settings, tmp_path_factory):
 
 def _train(trainer: Any, model_id: str, target: list[int], steps: int, lr: float = 5e-2) -> None:
     tokens = PROMPTS[0] + target
-    datum = Datum(tokens=np.array(tokens[:-1]), loss_fn_inputs={
-        "target_tokens": np.array(tokens[1:]),
-        "weights": np.array([0.0] * (len(PROMPTS[0]) - 1) + [1.0] * len(target), np.float32),
-    })
+    datum = Datum(
+        tokens=np.array(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": np.array(tokens[1:]),
+            "weights": np.array([0.0] * (len(PROMPTS[0]) - 1) + [1.0] * len(target), np.float32),
+        },
+    )
     for _ in range(steps):
         trainer.forward_backward([FwdBwdRequest(model_id, [datum])])
         trainer.optim_step(model_id, AdamSpec(learning_rate=lr))
@@ -261,9 +276,13 @@ def test_bad_requests_fail_alone_with_the_hf_backends_messages(vllm, hf, trained
 
     config = json.loads((Path(dirs[0]) / "adapter_config.json").read_text())
     (misfit / "adapter_config.json").write_text(json.dumps(config))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 16), np.float32),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((16, 8), np.float32)},
-              str(misfit / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 16), np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((16, 8), np.float32),
+        },
+        str(misfit / "adapter_model.safetensors"),
+    )
     [result, ok] = vllm.sample_batch([SampleRequest(SMOL, str(misfit), PROMPTS[0], GREEDY), good])
     assert isinstance(result, UserError) and "does not fit base model" in str(result) and "model_path" in str(result)
     assert not isinstance(ok, Exception)
@@ -284,8 +303,15 @@ def test_adapters_route_to_hf_on_a_cpu_unless_told_otherwise():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is importable in this interpreter")
 def test_a_vllm_sampling_worker_without_vllm_fails_at_start_saying_how_to_install():
     env = {**os.environ, "USE_VLLM": "true", "PYTHONPATH": str(ROOT), "TINKERBELL_BROKER_URL": "redis://127.0.0.1:9/0"}
-    run = subprocess.run([sys.executable, "-m", "tasks.worker", "--role", "sample", "--name", "novllm"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "tasks.worker", "--role", "sample", "--name", "novllm"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode != 0
     assert "make vllm-venv" in run.stderr and "TINKERBELL_SAMPLING_BACKEND=hf" in run.stderr, run.stderr[-2000:]
 
@@ -295,8 +321,7 @@ def test_a_vllm_sampling_worker_without_vllm_fails_at_start_saying_how_to_instal
 def split_stack(make_stack, tmp_path_factory):
     stack = make_stack(0, {"TINKERBELL_AUTH": "off"}, base_model=SMOL)
     stack.start_worker("train0", args=["--role", "train"])
-    stack.start_worker("vllm0", python=str(VLLM_PYTHON), args=["--role", "sample"],
-                       env={**VLLM_ENV, "TINKERBELL_SAMPLING_BACKEND": "vllm"}, timeout=300)
+    stack.start_worker("vllm0", python=str(VLLM_PYTHON), args=["--role", "sample"], env={**VLLM_ENV, "TINKERBELL_SAMPLING_BACKEND": "vllm"}, timeout=300)
     log = stack.data_dir / "worker-vllm0.log"
     deadline = time.monotonic() + 300
     while "worker vllm0 ready" not in log.read_text():  # its engine is up and sample.<model> consumed
@@ -317,8 +342,7 @@ def test_sdk_sampling_and_compute_logprobs_on_a_vllm_worker_with_a_separate_hf_t
     service = tinker.ServiceClient(base_url=split_stack.url, api_key="tml-vllm-tests")
     tc = service.create_lora_training_client(SMOL, rank=8, seed=0).result(timeout=300)
     tokens = PROMPTS[0] + TARGETS[0]
-    datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(tokens[:-1]),
-                         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * 8 + [1.0] * 3})
+    datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * 8 + [1.0] * 3})
     for _ in range(6):
         tc.forward_backward([datum], "cross_entropy").result(timeout=120)
         tc.optim_step(types.AdamParams(learning_rate=3e-2)).result(timeout=120)
@@ -345,18 +369,52 @@ def test_sdk_sampling_and_compute_logprobs_on_a_vllm_worker_with_a_separate_hf_t
 def test_cookbook_math_rl_runs_three_iterations_sampling_on_vllm(split_stack, tmp_path):
     hf_home = tmp_path / "hf"
     env = {**split_stack.env, "HF_HOME": str(hf_home)}
-    install = subprocess.run([sys.executable, "-m", "backends.models", "install-tokenizer", "--model", SMOL], check=False,
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "backends.models", "install-tokenizer", "--model", SMOL],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
-    client_env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TINKER_API_KEY": "tml-cookbook",
-                  "TINKER_TELEMETRY": "0", "TOKENIZERS_PARALLELISM": "false"}
+    client_env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "TINKER_API_KEY": "tml-cookbook",
+        "TINKER_TELEMETRY": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log_path = tmp_path / "rl-log"
-    run = subprocess.run([
-        sys.executable, "-m", "tinker_cookbook.recipes.math_rl.train",
-        f"model_name={SMOL}", "renderer_name=qwen3_instruct", "env=arithmetic", "loss_fn=importance_sampling",
-        "group_size=2", "groups_per_batch=2", "max_tokens=5", "max_steps=3", "eval_every=0", "save_every=2", "lora_rank=8",
-        f"base_url={split_stack.url}", f"log_path={log_path}", "behavior_if_log_dir_exists=delete",
-    ], check=False, cwd=tmp_path, env=client_env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinker_cookbook.recipes.math_rl.train",
+            f"model_name={SMOL}",
+            "renderer_name=qwen3_instruct",
+            "env=arithmetic",
+            "loss_fn=importance_sampling",
+            "group_size=2",
+            "groups_per_batch=2",
+            "max_tokens=5",
+            "max_steps=3",
+            "eval_every=0",
+            "save_every=2",
+            "lora_rank=8",
+            f"base_url={split_stack.url}",
+            f"log_path={log_path}",
+            "behavior_if_log_dir_exists=delete",
+        ],
+        check=False,
+        cwd=tmp_path,
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 0 and "Training completed successfully" in output, output[-5000:]
     metrics = [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
