@@ -74,11 +74,13 @@ class Runtime:
         real = {seq: rid for seq, rid in admitted.items() if rid and not rid.startswith(NOT_RUN)}
         if not real:
             return []
+        # A stored result means it finished (a redelivered copy skipped by Celery never reaches the engine).
         backend = self.celery.backend
-        stored = backend.client.exists(*[backend.get_key_for_task(rid) for rid in real.values()]) if real else 0
-        if stored == len(real):  # all finished (a redelivered copy skipped by Celery never reaches the engine)
-            return []
-        return [seq for seq, rid in real.items() if not backend.client.exists(backend.get_key_for_task(rid))]
+        with backend.client.pipeline(transaction=False) as pipe:
+            for rid in real.values():
+                pipe.exists(backend.get_key_for_task(rid))
+            stored = pipe.execute()
+        return [seq for seq, done in zip(real, stored) if not done]
 
     def _in_consumer(self, method: str, queue: str) -> None:
         """Add or cancel a queue from the consumer's own thread (pool threads and the engine must not touch it)."""
