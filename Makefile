@@ -25,6 +25,7 @@ test: setup
 	$(PY) -m pytest -q -x --durations=15 tests
 
 lint: setup
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
 bench: setup

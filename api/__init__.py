@@ -20,7 +20,9 @@ log = logging.getLogger("tinkerbell.api")
 
 class ApiRequest(Request):
     def on_json_loading_failed(self, e: ValueError | None):
-        raise UserError(f"body: malformed JSON ({e})" if e else "body: expected a JSON body with Content-Type: application/json")
+        raise UserError(
+            f"body: malformed JSON ({e})" if e else "body: expected a JSON body with Content-Type: application/json"
+        )
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Flask:

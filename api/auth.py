@@ -34,7 +34,10 @@ def authenticate():
         g.owner, g.scopes, g.key_name = LOCAL_OWNER, {"custom_code"}, "local"
         return None
     if key is None:
-        return jsonify(error="X-API-Key: missing API key (create one with `python -m api.keys create --name NAME`)", category="user"), 401
+        return jsonify(
+            error="X-API-Key: missing API key (create one with `python -m api.keys create --name NAME`)",
+            category="user",
+        ), 401
     record = current_app.config["REGISTRY"].lookup_key(key)
     if record is None:
         return jsonify(error="X-API-Key: unknown or revoked API key", category="user"), 401

@@ -68,7 +68,9 @@ def custom_loss_name(loss_fn: str, loss_fn_config: dict[str, Any] | None) -> str
     return name
 
 
-def resolve_custom_loss(settings: Settings, owner: str, loss_fn: str, name: str, builtin: bool, custom_meta: str | None) -> dict[str, Any] | None:
+def resolve_custom_loss(
+    settings: Settings, owner: str, loss_fn: str, name: str, builtin: bool, custom_meta: str | None
+) -> dict[str, Any] | None:
     """The owner's current version of custom loss `name` (custom_loss_name), looked up by the caller.
 
     Returns {name, version, hash, owner} for the task, fixed now so a later re-registration changes the next
@@ -99,9 +101,14 @@ def _text(payload: dict[str, Any], field: str) -> str:
 
 def _decode_code(value: Any) -> bytes:
     if not isinstance(value, str) or not value:
-        raise UserError("code: required, the base64 of the dill-serialized function (the client's @custom_loss makes it)")
+        raise UserError(
+            "code: required, the base64 of the dill-serialized function (the client's @custom_loss makes it)"
+        )
     if len(value) > MAX_CODE_BYTES * 4 // 3 + 4:
-        raise UserError(f"code: larger than {MAX_CODE_BYTES // (1024 * 1024)} MiB; a loss should not carry data (pass it in loss_fn_inputs)")
+        raise UserError(
+            f"code: larger than {MAX_CODE_BYTES // (1024 * 1024)} MiB; a loss should not carry data (pass it in "
+            "loss_fn_inputs)"
+        )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -120,7 +127,10 @@ def register_custom_loss():
     payload = body()
     name = payload.get("name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == "custom":
-        raise UserError(f"name: {name!r} must be 1-64 letters, digits, '_', '.' or '-', start with a letter or '_', and not be 'custom'")
+        raise UserError(
+            f"name: {name!r} must be 1-64 letters, digits, '_', '.' or '-', start with a letter or '_', and not be "
+            "'custom'"
+        )
     redis = _registry().redis
     if redis.hexists(BUILTIN_KEY, name):
         raise UserError(f"name: {name!r} is a built-in loss; choose another name")

@@ -17,7 +17,9 @@ MAX_TENSOR_BYTES = 1 << 30  # a dense tensor larger than this is refused before 
 
 def shape_of(shape: Any, field: str, itemsize: int) -> list[int]:
     """A tensor's shape: non-negative integers whose dense size stays under MAX_TENSOR_BYTES."""
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
         raise UserError(f"{field}.shape: must be a list of non-negative integers, got {shape!r:.80}")
     if math.prod(shape) * itemsize > MAX_TENSOR_BYTES:
         raise UserError(f"{field}.shape: {list(shape)} is larger than {MAX_TENSOR_BYTES} bytes")
@@ -42,7 +44,13 @@ def dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape:
     rows, cols = shape
     if crow.ndim != 1 or col.ndim != 1 or values.ndim != 1:
         raise UserError(f"{field}: CSR values and indices must be flat lists")
-    if len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != len(values) or len(col) != len(values) or (np.diff(crow) < 0).any():
+    if (
+        len(crow) != rows + 1
+        or crow[0] != 0
+        or crow[-1] != len(values)
+        or len(col) != len(values)
+        or (np.diff(crow) < 0).any()
+    ):
         raise UserError(f"{field}: crow_indices/col_indices do not describe {len(values)} values in a {shape} matrix")
     if len(col) and (col.min() < 0 or col.max() >= cols):
         raise UserError(f"{field}.col_indices: outside 0..{cols - 1}")
@@ -66,7 +74,9 @@ def check_datum(tokens: np.ndarray, inputs: dict[str, np.ndarray], index: int) -
     for name, arr in inputs.items():
         if arr.ndim == 0 or arr.shape[0] != len(tokens):
             length = arr.shape[0] if arr.ndim else 0
-            raise UserError(f"{field}.loss_fn_inputs.{name}: length {length} differs from model_input length {len(tokens)}")
+            raise UserError(
+                f"{field}.loss_fn_inputs.{name}: length {length} differs from model_input length {len(tokens)}"
+            )
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise UserError(f"{field}.loss_fn_inputs.{name}: contains NaN or infinity")
     target = inputs.get("target_tokens")

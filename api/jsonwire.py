@@ -68,7 +68,9 @@ def tokens_from_json(value: Any, field: str) -> np.ndarray:
         for i, chunk in enumerate(chunks):
             chunk = mapping(chunk, f"{field}.chunks[{i}]")
             if chunk.get("type", "encoded_text") != "encoded_text":
-                raise UserError(f"{field}.chunks[{i}]: only encoded_text chunks are supported, got {chunk.get('type')!r:.80}")
+                raise UserError(
+                    f"{field}.chunks[{i}]: only encoded_text chunks are supported, got {chunk.get('type')!r:.80}"
+                )
             tokens = chunk.get("tokens", [])
             if not isinstance(tokens, list):
                 raise UserError(f"{field}.chunks[{i}].tokens: must be a list of token ids (integers)")
@@ -89,7 +91,10 @@ def datums_from_json(data: Any) -> list[dict[str, Any]]:
             raise UserError(f"data[{i}]: must be an object with model_input and loss_fn_inputs")
         tokens = tokens_from_json(datum.get("model_input", datum.get("tokens")), f"data[{i}].model_input")
         raw_inputs = mapping(datum.get("loss_fn_inputs"), f"data[{i}].loss_fn_inputs")
-        inputs = {k: tensor_from_json(v, f"data[{i}].loss_fn_inputs.{k}", DEFAULT_DTYPES.get(k, "float32")) for k, v in raw_inputs.items()}
+        inputs = {
+            k: tensor_from_json(v, f"data[{i}].loss_fn_inputs.{k}", DEFAULT_DTYPES.get(k, "float32"))
+            for k, v in raw_inputs.items()
+        }
         out.append(checked_datum(tokens, inputs, i))
     return out
 
@@ -122,7 +127,9 @@ def result_json(kind: str, result: Any) -> Any:
                 }
                 for s in result["sequences"]
             ],
-            "prompt_logprobs": _clean(decode_array(result["prompt_logprobs"]).tolist()) if result.get("prompt_logprobs") else None,
+            "prompt_logprobs": _clean(decode_array(result["prompt_logprobs"]).tolist())
+            if result.get("prompt_logprobs")
+            else None,
             "topk_prompt_logprobs": topk_json(result.get("topk_prompt_logprobs")),
         }
     return result

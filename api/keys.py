@@ -1,4 +1,5 @@
-"""Operator command for API keys: `python -m api.keys create --name alice [--scope custom_code]`, `list`, `revoke`, `grant`."""
+"""Operator command for API keys: `python -m api.keys create --name alice [--scope custom_code]`, `list`, `revoke`,
+`grant`."""
 
 from __future__ import annotations
 

@@ -49,7 +49,9 @@ def list_loss_functions():
     registry = current_app.config["REGISTRY"]
     builtins = sorted(registry.builtin_losses(), key=lambda c: c["name"])
     custom = sorted(registry.custom_losses(g.owner), key=lambda c: c["name"])
-    return jsonify(loss_functions=builtins + custom, builtin=[c["name"] for c in builtins], custom=[c["name"] for c in custom])
+    return jsonify(
+        loss_functions=builtins + custom, builtin=[c["name"] for c in builtins], custom=[c["name"] for c in custom]
+    )
 
 
 @bp.post("/add_lora")
@@ -59,7 +61,9 @@ def add_lora():
     for key in ("rank", "alpha", "seed", "train_attn", "train_mlp", "train_unembed"):
         if key in payload:
             lora[key] = payload[key]
-    model_id, request_id = service().create_model(g.owner, payload.get("session_id"), None, payload.get("base_model"), lora, payload.get("user_metadata"))
+    model_id, request_id = service().create_model(
+        g.owner, payload.get("session_id"), None, payload.get("base_model"), lora, payload.get("user_metadata")
+    )
     return jsonify(model_id=model_id, request_id=request_id)
 
 
@@ -76,7 +80,9 @@ def fwdbwd():
     data = datums_from_json(payload.get("data"))
     forward_only = validate.boolean(payload.get("forward_only"), "forward_only", request.path == "/forward")
     loss_fn = payload.get("loss_fn", "cross_entropy")
-    request_id = service().forward_backward(g.owner, model_id, payload.get("seq_id"), data, loss_fn, payload.get("loss_fn_config"), forward_only)
+    request_id = service().forward_backward(
+        g.owner, model_id, payload.get("seq_id"), data, loss_fn, payload.get("loss_fn_config"), forward_only
+    )
     return jsonify(request_id=request_id, model_id=model_id)
 
 
@@ -93,7 +99,9 @@ def save_state():
     payload = body()
     model_id = required(payload, "model_id")
     kind = "sampler_weights" if validate.boolean(payload.get("for_sampler"), "for_sampler") else "weights"
-    request_id = service().save_state(g.owner, model_id, payload.get("seq_id"), payload.get("name"), kind, payload.get("ttl_seconds"))
+    request_id = service().save_state(
+        g.owner, model_id, payload.get("seq_id"), payload.get("name"), kind, payload.get("ttl_seconds")
+    )
     return jsonify(request_id=request_id, model_id=model_id)
 
 
@@ -102,7 +110,9 @@ def load_state():
     payload = body()
     model_id = required(payload, "model_id")
     with_optimizer = validate.boolean(payload.get("optimizer"), "optimizer", default=True)
-    request_id = service().load_state(g.owner, model_id, payload.get("seq_id"), required(payload, "path"), with_optimizer)
+    request_id = service().load_state(
+        g.owner, model_id, payload.get("seq_id"), required(payload, "path"), with_optimizer
+    )
     return jsonify(request_id=request_id, model_id=model_id)
 
 
@@ -118,7 +128,9 @@ def _native_sample(payload: dict[str, Any]) -> str:
     tokens = tokens_from_json(payload.get("prompt"), "prompt")
     check_tokens(tokens, "prompt")
     options = (payload.get("num_samples", 1), payload.get("prompt_logprobs"), payload.get("topk_prompt_logprobs"))
-    return svc.sample(g.owner, base_model, adapter_dir, encode_array(tokens, "int64"), payload.get("sampling_params"), *options)
+    return svc.sample(
+        g.owner, base_model, adapter_dir, encode_array(tokens, "int64"), payload.get("sampling_params"), *options
+    )
 
 
 @bp.post("/api/v1/sample")
@@ -158,7 +170,9 @@ def retrieve_future():
     payload = body()
     request_id = required(payload, "request_id")
     timeout = payload.get("timeout")
-    timeout_s = current_app.config["SETTINGS"].poll_timeout_s if timeout is None else validate.number(timeout, "timeout")
+    timeout_s = (
+        current_app.config["SETTINGS"].poll_timeout_s if timeout is None else validate.number(timeout, "timeout")
+    )
     if timeout_s < 0:
         raise UserError(f"timeout: must not be negative, got {timeout_s}")
     future = current_app.config["REGISTRY"].future(request_id, g.owner)

@@ -103,7 +103,11 @@ def broker_client(app: Flask) -> redis.Redis:
     if "broker" not in clients:
         settings: Settings = app.config["SETTINGS"]
         registry: Registry = app.config["REGISTRY"]
-        clients["broker"] = registry.redis if settings.broker_url == settings.registry_url else redis.Redis.from_url(settings.broker_url, decode_responses=True)
+        clients["broker"] = (
+            registry.redis
+            if settings.broker_url == settings.registry_url
+            else redis.Redis.from_url(settings.broker_url, decode_responses=True)
+        )
     return clients["broker"]
 
 
@@ -127,7 +131,9 @@ def queue_depths(broker: redis.Redis, workers: list[dict[str, Any]]) -> dict[str
     for name in ordered:
         pipe.llen(name)
     depths = pipe.execute(raise_on_error=False)
-    return {name: int(depth) for name, depth in zip(ordered, depths) if isinstance(depth, int)}  # a non-list key is no queue
+    return {
+        name: int(depth) for name, depth in zip(ordered, depths) if isinstance(depth, int)
+    }  # a non-list key is no queue
 
 
 def pending_futures(registry: Registry, backend: Any) -> int:
@@ -197,10 +203,22 @@ class RedisCollector(Collector):
             depth.add_metric([name, queue_kind(name)], count)
         yield depth
 
-        yield GaugeMetricFamily("tinkerbell_futures_pending", "Requests accepted whose result is not ready yet.", value=snap["futures_pending"])
-        yield GaugeMetricFamily("tinkerbell_workers_alive", "Workers with a fresh heartbeat.", value=len(snap["workers"]))
-        adapters = GaugeMetricFamily("tinkerbell_worker_adapters", "Adapters owned by each live worker.", labels=["worker", "device"])
-        memory = GaugeMetricFamily("tinkerbell_worker_memory_bytes", "Memory the worker's training backend reports in use.", labels=["worker", "device"])
+        yield GaugeMetricFamily(
+            "tinkerbell_futures_pending",
+            "Requests accepted whose result is not ready yet.",
+            value=snap["futures_pending"],
+        )
+        yield GaugeMetricFamily(
+            "tinkerbell_workers_alive", "Workers with a fresh heartbeat.", value=len(snap["workers"])
+        )
+        adapters = GaugeMetricFamily(
+            "tinkerbell_worker_adapters", "Adapters owned by each live worker.", labels=["worker", "device"]
+        )
+        memory = GaugeMetricFamily(
+            "tinkerbell_worker_memory_bytes",
+            "Memory the worker's training backend reports in use.",
+            labels=["worker", "device"],
+        )
         for worker in snap["workers"]:
             labels = [worker["name"], worker_device(worker)]
             adapters.add_metric(labels, len(worker.get("adapters", [])))
@@ -216,7 +234,9 @@ class RedisCollector(Collector):
         }
         for name, value in sorted(stats.items()):
             if name.replace("_", "").isalnum():
-                yield CounterMetricFamily(f"tinkerbell_{name}", help_text.get(name, f"Counter {name} from the registry."), value=value)
+                yield CounterMetricFamily(
+                    f"tinkerbell_{name}", help_text.get(name, f"Counter {name} from the registry."), value=value
+                )
 
 
 @bp.record_once
@@ -246,7 +266,9 @@ def requests_answered(app: Flask) -> int:
 @public
 def metrics() -> Response:
     body = generate_latest(current_app.extensions["tinkerbell_metrics"]["all"])
-    return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"})
+    return Response(
+        body, content_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"}
+    )
 
 
 # ---- status page ------------------------------------------------------------------------------------
@@ -268,7 +290,8 @@ def status_document(app: Flask) -> dict[str, Any]:
                 "device": worker_device(worker),
                 "host": worker.get("host", ""),
                 "adapters": len(owned),
-                "waiting": queues.get(f"worker.{worker['name']}", 0) + sum(queues.get(f"adapter.{m}", 0) for m in owned),
+                "waiting": queues.get(f"worker.{worker['name']}", 0)
+                + sum(queues.get(f"adapter.{m}", 0) for m in owned),
                 "base_models": worker.get("base_models", []),
                 "memory_bytes": worker.get("memory_bytes") or 0,
                 "heartbeat_age_s": round(max(0.0, time.time() - float(worker.get("heartbeat") or time.time())), 1),
@@ -301,7 +324,9 @@ def _running(current: dict[str, Any] | None) -> str:
     """The task a worker ran at its last heartbeat, by name and age only (no model ids on the public page)."""
     if not current:
         return "idle"
-    return f"{current['task'].removeprefix('tinkerbell.')} for {max(0.0, time.time() - float(current['started'])):.1f} s"
+    return (
+        f"{current['task'].removeprefix('tinkerbell.')} for {max(0.0, time.time() - float(current['started'])):.1f} s"
+    )
 
 
 @bp.get("/status.json")
@@ -315,7 +340,9 @@ def status_json() -> Response:
 @bp.get("/")
 @public
 def status_page() -> Response:
-    return Response(STATUS_HTML.read_text(encoding="utf-8"), mimetype="text/html", headers={"Cache-Control": "no-store"})
+    return Response(
+        STATUS_HTML.read_text(encoding="utf-8"), mimetype="text/html", headers={"Cache-Control": "no-store"}
+    )
 
 
 @bp.get("/favicon.ico")

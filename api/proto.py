@@ -73,12 +73,16 @@ def _tensor(msg: pb.Tensor, field: str) -> np.ndarray:
     """A proto Tensor (dense or CSR) as a dense numpy array."""
     dtype = _NP_OF.get(msg.dtype)
     if dtype is None:
-        raise UserError(f"{field}.dtype: must be float32 or int64, got {pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype}")
+        raise UserError(
+            f"{field}.dtype: must be float32 or int64, got "
+            f"{pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else msg.dtype}"
+        )
     shape = [int(s) for s in msg.shape]
     if msg.HasField("sparse_csr"):
         csr = msg.sparse_csr
         values, crow, col = (
-            _buffer(data, kind, f"{field}.sparse_csr") for data, kind in ((csr.values, dtype), (csr.crow_indices, "<i8"), (csr.col_indices, "<i8"))
+            _buffer(data, kind, f"{field}.sparse_csr")
+            for data, kind in ((csr.values, dtype), (csr.crow_indices, "<i8"), (csr.col_indices, "<i8"))
         )
         return dense_from_csr(values, crow, col, shape, f"{field}.sparse_csr")
     return dense(_buffer(msg.dense, dtype, field), shape or None, field)
@@ -97,7 +101,10 @@ def _tokens(datum: pb.Datum, field: str) -> np.ndarray:
     for i, chunk in enumerate(datum.model_input):
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise UserError(f"{field}.model_input.chunks[{i}]: only encoded_text chunks are supported, got {kind or 'an empty chunk'}")
+            raise UserError(
+                f"{field}.model_input.chunks[{i}]: only encoded_text chunks are supported, got "
+                f"{kind or 'an empty chunk'}"
+            )
         parts.append(_buffer(chunk.encoded_text.tokens, "<i4", f"{field}.model_input.chunks[{i}].tokens"))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
@@ -132,7 +139,9 @@ def wire_datums(msg: pb.ForwardBackwardRequest) -> list[dict[str, Any]]:
     for i, datum in enumerate(msg.data):
         field = f"data[{i}]"
         tokens = _tokens(datum, field)
-        inputs = {name: _tensor(tensor, f"{field}.loss_fn_inputs.{name}") for name, tensor in datum.loss_fn_inputs.items()}
+        inputs = {
+            name: _tensor(tensor, f"{field}.loss_fn_inputs.{name}") for name, tensor in datum.loss_fn_inputs.items()
+        }
         datums.append(checked_datum(tokens, inputs, i))
     return datums
 
@@ -157,7 +166,9 @@ def forward_backward_output(result: dict[str, Any]) -> bytes:
     groups: list[tuple[tuple, list[dict[str, np.ndarray]]]] = []
     for item in result.get("loss_fn_outputs") or []:
         arrays = {name: decode_array(payload) for name, payload in item.items()}
-        signature = tuple(sorted((name, payload["dtype"], tuple(arrays[name].shape[1:])) for name, payload in item.items()))
+        signature = tuple(
+            sorted((name, payload["dtype"], tuple(arrays[name].shape[1:])) for name, payload in item.items())
+        )
         if groups and groups[-1][0] == signature:
             groups[-1][1].append(arrays)
         else:

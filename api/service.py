@@ -75,7 +75,9 @@ class Service:
         try:
             for item in outgoing:
                 task, kwargs, kwargsrepr = (own or {}).get(item.request_id) or decode_message(item.message)
-                self.celery.send_task(task, kwargs=kwargs, task_id=item.request_id, queue=item.queue, argsrepr="()", kwargsrepr=kwargsrepr)
+                self.celery.send_task(
+                    task, kwargs=kwargs, task_id=item.request_id, queue=item.queue, argsrepr="()", kwargsrepr=kwargsrepr
+                )
                 sent.append(item.request_id)
         finally:
             self.registry.mark_published(sent)
@@ -86,7 +88,11 @@ class Service:
         (DESIGN rule 3); a sample may be computed twice, and its first stored result stands."""
         claimed = self.registry.claim_unpublished(older_than_s)
         if claimed:
-            log.warning("publishing %d admitted request(s) never published: %s", len(claimed), ", ".join(item.request_id for item in claimed))
+            log.warning(
+                "publishing %d admitted request(s) never published: %s",
+                len(claimed),
+                ", ".join(item.request_id for item in claimed),
+            )
             self._send(claimed)
         return len(claimed)
 
@@ -138,7 +144,8 @@ class Service:
         answer_id, ready = self.registry.submit(model_id, seq_id, request_id, encode_message(*own), queue, owner, kind)
         if answer_id.startswith(EXPIRED):
             raise UserError(
-                f"seq_id {seq_id}: arrived after {model_id}'s later requests waited {self.settings.seq_gap_timeout_s:g} s for it and ran without it"
+                f"seq_id {seq_id}: arrived after {model_id}'s later requests waited "
+                f"{self.settings.seq_gap_timeout_s:g} s for it and ran without it"
             )
         self._send(ready, {request_id: own})
         self._sweep_now_and_then()
@@ -183,7 +190,9 @@ class Service:
     def check_base_model(self, base_model: str | None) -> str:
         base_model = base_model or self.settings.base_model
         if not isinstance(base_model, str) or not is_known_model(base_model, self.settings):
-            raise UserError(f"base_model: unknown base model {base_model!r}; supported: {', '.join(self.supported_models())}")
+            raise UserError(
+                f"base_model: unknown base model {base_model!r}; supported: {', '.join(self.supported_models())}"
+            )
         return base_model
 
     def supported_models(self) -> list[str]:
@@ -223,7 +232,11 @@ class Service:
         request_id = str(uuid.uuid4())
         if not self.registry.create_model(model_id, owner, session_id, base_model, asdict(spec), worker, user_metadata):
             existing = self.registry.model(model_id, owner)
-            if existing.get("create_request_id") and existing["base_model"] == base_model and existing["lora"] == asdict(spec):
+            if (
+                existing.get("create_request_id")
+                and existing["base_model"] == base_model
+                and existing["lora"] == asdict(spec)
+            ):
                 return model_id, existing["create_request_id"]  # a re-sent create (lost response): same future
             raise UserError(f"model_seq_id: model {model_id} already exists in this session")
         self.registry.update_model(model_id, create_request_id=request_id)
@@ -280,7 +293,9 @@ class Service:
             name = custom_loss_name(loss_fn, loss_fn_config)
             _model, catalog, builtin, custom_meta = self.registry.model_and_loss(model_id, owner, name)
             custom_loss = resolve_custom_loss(self.settings, owner, loss_fn, name, builtin, custom_meta)
-            if custom_loss is None and catalog and not builtin:  # before a worker published the catalog, the worker decides
+            if (
+                custom_loss is None and catalog and not builtin
+            ):  # before a worker published the catalog, the worker decides
                 raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
         kwargs = {
@@ -291,7 +306,9 @@ class Service:
             "forward_only": forward_only,
         }
         if custom_loss is not None:
-            kwargs["custom_loss"] = custom_loss  # the version current now, so re-registering changes later requests only
+            kwargs["custom_loss"] = (
+                custom_loss  # the version current now, so re-registering changes later requests only
+            )
         kind = "forward" if forward_only else "forward_backward"
         return self.submit_ordered(
             owner,
@@ -329,7 +346,10 @@ class Service:
         if name is None:
             name = f"{kind}-{int(time.time() * 1000)}"
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise UserError(f"path: checkpoint name {name!r:.80} must be 1-128 of letters, digits, '.', '_' or '-' (a name, not a tinker:// path)")
+            raise UserError(
+                f"path: checkpoint name {name!r:.80} must be 1-128 of letters, digits, '.', '_' or '-' (a name, not "
+                "a tinker:// path)"
+            )
         ttl_seconds = validate.ttl_seconds(ttl_seconds)
         kwargs = {
             "model_id": model_id,

@@ -206,7 +206,9 @@ def _forward_backward_json(payload: dict[str, Any]) -> Response:
         data = datums_from_json(inputs.get("data"))
         loss_fn = inputs.get("loss_fn", "cross_entropy")
         forward_only = validate.boolean(payload.get("forward_only"), "forward_only")
-        request_id = service().forward_backward(g.owner, model_id, seq_id, data, loss_fn, inputs.get("loss_fn_config"), forward_only)
+        request_id = service().forward_backward(
+            g.owner, model_id, seq_id, data, loss_fn, inputs.get("loss_fn_config"), forward_only
+        )
     return _future(request_id, model_id)
 
 
@@ -225,7 +227,9 @@ def optim_step():
 def save_weights():
     payload = body()
     with _ordered(payload) as (model_id, seq_id):
-        request_id = service().save_state(g.owner, model_id, seq_id, payload.get("path"), "weights", payload.get("ttl_seconds"))
+        request_id = service().save_state(
+            g.owner, model_id, seq_id, payload.get("path"), "weights", payload.get("ttl_seconds")
+        )
     return _future(request_id, model_id)
 
 
@@ -242,7 +246,9 @@ def save_weights_for_sampler():
             sampling_seq = _int(payload, "sampling_session_seq_id")
             model = registry().model(model_id, g.owner)
             sampler_id = f"{model['session_id']}:sample:{sampling_seq}"
-        request_id = service().save_state(g.owner, model_id, seq_id, name, "sampler_weights", payload.get("ttl_seconds"), sampler_id=sampler_id)
+        request_id = service().save_state(
+            g.owner, model_id, seq_id, name, "sampler_weights", payload.get("ttl_seconds"), sampler_id=sampler_id
+        )
     return _future(request_id, model_id)
 
 
@@ -252,7 +258,9 @@ def save_weights_external():
     with _ordered(payload) as (model_id, seq_id):
         if payload.get("age_encryption_recipients"):
             raise UserError("age_encryption_recipients: encrypted exports are not supported")
-        request_id = service().save_state(g.owner, model_id, seq_id, payload.get("path"), "external_weights", payload.get("ttl_seconds"))
+        request_id = service().save_state(
+            g.owner, model_id, seq_id, payload.get("path"), "external_weights", payload.get("ttl_seconds")
+        )
     return _future(request_id, model_id)
 
 
@@ -272,7 +280,9 @@ def load_weights():
     if base_model is not None and base_model != checkpoint["base_model"]:
         raise UserError(f"base_model: {path} was trained on {checkpoint['base_model']!r}, not {base_model!r}")
     session_id, model_seq_id = required(payload, "session_id"), _int(payload, "model_seq_id")
-    model_id, request_id = service().create_model_from_checkpoint(g.owner, session_id, model_seq_id, path, with_optimizer, payload.get("user_metadata"))
+    model_id, request_id = service().create_model_from_checkpoint(
+        g.owner, session_id, model_seq_id, path, with_optimizer, payload.get("user_metadata")
+    )
     return _future(request_id, model_id)
 
 

@@ -83,7 +83,9 @@ def mapping(value: Any, field: str) -> dict[str, Any]:
 
 
 def metadata(value: Any, field: str = "user_metadata") -> dict[str, str] | None:
-    if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+    if value is not None and (
+        not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    ):
         raise UserError(f"{field}: must be an object of strings")
     return value
 

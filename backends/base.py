@@ -38,7 +38,8 @@ class AdamSpec:
 
 @dataclass
 class Datum:
-    """One training example. tokens: (N,) int64 model input; loss_fn_inputs: e.g. target_tokens (N,) or (N,K), weights (N,)."""
+    """One training example. tokens: (N,) int64 model input; loss_fn_inputs: e.g. target_tokens (N,) or (N,K),
+    weights (N,)."""
 
     tokens: np.ndarray
     loss_fn_inputs: dict[str, np.ndarray]
@@ -103,7 +104,9 @@ class SampleRequest:
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None  # position 0 is None
-    topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None  # k (token, logprob) per position; position 0 is []
+    topk_prompt_logprobs: list[list[tuple[int, float]]] | None = (
+        None  # k (token, logprob) per position; position 0 is []
+    )
 
 
 class TrainingBackend(Protocol):

@@ -28,7 +28,15 @@ if TYPE_CHECKING:
     from backends.hf_sample import HFSamplingBackend
     from backends.hf_train import HFTrainingBackend
 
-__all__ = ["HFSamplingBackend", "HFTrainingBackend", "LoadedBase", "get_base", "loaded_bases", "memory_bytes", "torch_device"]
+__all__ = [
+    "HFSamplingBackend",
+    "HFTrainingBackend",
+    "LoadedBase",
+    "get_base",
+    "loaded_bases",
+    "memory_bytes",
+    "torch_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,8 @@ def __getattr__(name: str) -> Any:  # lazy re-export, no import cycle
 
 
 def torch_device(name: str) -> torch.device:
-    """settings.device -> torch.device. The worker pins its GPU with CUDA_VISIBLE_DEVICES, so cuda:N may be cuda:0 here."""
+    """settings.device -> torch.device. The worker pins its GPU with CUDA_VISIBLE_DEVICES, so cuda:N may be cuda:0
+    here."""
     name = (name or "cpu").strip()
     if name == "cpu":
         return torch.device("cpu")
@@ -138,7 +147,9 @@ class LoadedBase:
         """bf16 base: matmuls (LoRA ones included) in bf16 under autocast; LoRA weights and their grads stay fp32."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def decode_step(self, input_ids: torch.Tensor, cache: Any = None, last_only: bool = False) -> tuple[torch.Tensor, Any]:
+    def decode_step(
+        self, input_ids: torch.Tensor, cache: Any = None, last_only: bool = False
+    ) -> tuple[torch.Tensor, Any]:
         """One cached forward: (n, T) ids -> ((n, T', V) logits, cache); T' = 1 with last_only (skips the rest)."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True}
         if cache is not None:
@@ -169,7 +180,9 @@ class LoadedBase:
     def adapter_names(self) -> list[str]:
         return sorted(self._params)
 
-    def add_adapter(self, name: str, rank: int, alpha: float, targets: list[str], seed: int | None) -> dict[str, torch.nn.Parameter]:
+    def add_adapter(
+        self, name: str, rank: int, alpha: float, targets: list[str], seed: int | None
+    ) -> dict[str, torch.nn.Parameter]:
         """A fresh LoRA adapter on the target modules (PEFT's target_modules rule), initialised bit for bit as
         `torch.manual_seed(seed); get_peft_model(...)` would. Returns its fp32 parameters keyed as in PEFT's
         adapter_model.safetensors (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`)."""
@@ -252,7 +265,10 @@ def get_base(name: str, settings: Settings, device: torch.device, dtype: torch.d
 
         path = resolve_model_dir(name, settings)
         if path is None:
-            raise UserError(f"base_model: unknown model {name!r} (not in TINKERBELL_MODELS_DIR, installed packages or the local HF cache)")
+            raise UserError(
+                f"base_model: unknown model {name!r} (not in TINKERBELL_MODELS_DIR, installed packages or the local "
+                "HF cache)"
+            )
         _quiet()
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         model.to(device).eval().requires_grad_(False)
@@ -270,4 +286,12 @@ def loaded_bases(device: torch.device | None = None) -> list[LoadedBase]:
 def lora_config(rank: int, alpha: float, targets: list[str], inference: bool = False) -> LoraConfig:
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", inference_mode=inference)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        inference_mode=inference,
+    )

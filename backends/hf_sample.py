@@ -47,7 +47,9 @@ class HFSamplingBackend:
         directory = Path(adapter_dir)
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file() or not (directory / "adapter_config.json").is_file():
-            raise UserError(f"model_path: no sampler weights (adapter_model.safetensors + adapter_config.json) at {adapter_dir}")
+            raise UserError(
+                f"model_path: no sampler weights (adapter_model.safetensors + adapter_config.json) at {adapter_dir}"
+            )
         stat = weights.stat()
         key = (base.name, str(directory.resolve()), stat.st_mtime_ns, stat.st_size)
         if key in self._adapters:
@@ -59,8 +61,18 @@ class HFSamplingBackend:
         except Exception as exc:
             raise UserError(f"model_path: unreadable adapter at {adapter_dir} ({exc})") from exc
         targets = config.target_modules
-        if isinstance(targets, str) or not targets or config.use_dora or config.use_rslora or config.rank_pattern or config.alpha_pattern:
-            raise UserError(f"model_path: adapter at {adapter_dir} uses LoRA options the sampler does not support (plain LoRA on named modules only)")
+        if (
+            isinstance(targets, str)
+            or not targets
+            or config.use_dora
+            or config.use_rslora
+            or config.rank_pattern
+            or config.alpha_pattern
+        ):
+            raise UserError(
+                f"model_path: adapter at {adapter_dir} uses LoRA options the sampler does not support (plain LoRA on "
+                "named modules only)"
+            )
         state = {k: v for k, v in state.items() if ".lora_" in k}  # ignore saved base lm_head/embedding copies
         name = base.unique_name("sample")
         with base.lock:
@@ -143,7 +155,9 @@ class HFSamplingBackend:
         topk_prompt_logprobs: int = 0,
     ) -> SampleResult:
         """Sample num_samples continuations of prompt. seed fixes the tokens; temperature 0 is greedy."""
-        request = SampleRequest(base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+        request = SampleRequest(
+            base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs
+        )
         [result] = self.sample_batch([request])
         if isinstance(result, Exception):
             raise result

@@ -159,7 +159,9 @@ class HFTrainingBackend:
         for i, datum in enumerate(request.data):
             ids = _int_array(datum.tokens, f"data[{i}].model_input")
             if ids.ndim != 1 or ids.size == 0:
-                raise UserError(f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}")
+                raise UserError(
+                    f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}"
+                )
             n = int(ids.size)
             _check_range(ids, base.vocab_in, f"data[{i}].model_input")
             if base.max_len is not None and n > base.max_len:
@@ -170,7 +172,8 @@ class HFTrainingBackend:
             target = _int_array(fn_inputs["target_tokens"], f"data[{i}].loss_fn_inputs.target_tokens")
             if target.ndim not in (1, 2) or target.shape[0] != n or (target.ndim == 2 and target.shape[1] == 0):
                 raise UserError(
-                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input length {n} (expected (N,) or (N, K))"
+                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input "
+                    f"length {n} (expected (N,) or (N, K))"
                 )
             _check_range(target, base.vocab_out, f"data[{i}].loss_fn_inputs.target_tokens")
             # torch.tensor copies: wire-decoded arrays are read-only views of the message bytes.
@@ -179,11 +182,18 @@ class HFTrainingBackend:
                 if key == "target_tokens":
                     continue
                 arr = np.asarray(value)
-                if key in PER_TOKEN_INPUTS and (arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)):
-                    raise UserError(f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens {tuple(target.shape)}")
+                if key in PER_TOKEN_INPUTS and (
+                    arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)
+                ):
+                    raise UserError(
+                        f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens "
+                        f"{tuple(target.shape)}"
+                    )
                 if arr.dtype.kind not in "biuf":
                     raise UserError(f"data[{i}].loss_fn_inputs.{key}: expected numbers, got dtype {arr.dtype}")
-                converted[key] = torch.tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device)
+                converted[key] = torch.tensor(
+                    arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device
+                )
             tokens.append(torch.tensor(ids))
             targets.append(converted["target_tokens"])
             inputs.append(converted)
@@ -266,7 +276,12 @@ class HFTrainingBackend:
                 # request's adapter would otherwise get zero .grad tensors, and AdamW steps on zeros).
                 torch.autograd.backward(torch.stack(losses).sum(), inputs=list(trained.values()))
         tokens = sum(lengths)
-        return {"adapters": len({p.adapter.model_id for _, p in group}), "requests": len(group), "tokens": tokens, "positions": flat}
+        return {
+            "adapters": len({p.adapter.model_id for _, p in group}),
+            "requests": len(group),
+            "tokens": tokens,
+            "positions": flat,
+        }
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
@@ -295,7 +310,10 @@ class HFTrainingBackend:
                 norm = 0.0
             for group in adapter.optimizer.param_groups:
                 group.update(
-                    lr=float(adam.learning_rate), betas=(float(adam.beta1), float(adam.beta2)), eps=float(adam.eps), weight_decay=float(adam.weight_decay)
+                    lr=float(adam.learning_rate),
+                    betas=(float(adam.beta1), float(adam.beta2)),
+                    eps=float(adam.eps),
+                    weight_decay=float(adam.weight_decay),
                 )
             adapter.optimizer.step()
             adapter.optimizer.zero_grad(set_to_none=True)
@@ -365,7 +383,9 @@ class HFTrainingBackend:
         state = {k: v for k, v in state.items() if ".lora_" in k}
         missing = sorted(set(adapter.params) - set(state))
         unexpected = sorted(set(state) - set(adapter.params))
-        wrong = sorted(k for k in adapter.params if k in state and tuple(state[k].shape) != tuple(adapter.params[k].shape))
+        wrong = sorted(
+            k for k in adapter.params if k in state and tuple(state[k].shape) != tuple(adapter.params[k].shape)
+        )
         if missing or unexpected or wrong:
             raise UserError(
                 "path: checkpoint does not match this adapter's LoRA config (rank / trained modules): "
@@ -374,7 +394,9 @@ class HFTrainingBackend:
         optimizer_state = None
         if with_optimizer:
             if not (src / OPTIMIZER_STATE).is_file():
-                raise UserError(f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer")
+                raise UserError(
+                    f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer"
+                )
             optimizer_state = torch.load(src / OPTIMIZER_STATE, map_location=self.device, weights_only=True)
         with adapter.base.lock, torch.no_grad():
             for key, param in adapter.params.items():

@@ -20,11 +20,19 @@ class BackendUnavailable(RuntimeError):
 # name -> (module, class, how to get it)
 TRAINING_BACKENDS: dict[str, tuple[str, str, str]] = {
     "hf": ("backends.hf_train", "HFTrainingBackend", "pip install torch transformers peft safetensors"),
-    "megatron": ("backends.megatron", "MegatronTrainingBackend", "pip install megatron-core==0.16.1 (CPU works for tests; GPUs for speed)"),
+    "megatron": (
+        "backends.megatron",
+        "MegatronTrainingBackend",
+        "pip install megatron-core==0.16.1 (CPU works for tests; GPUs for speed)",
+    ),
 }
 SAMPLING_BACKENDS: dict[str, tuple[str, str, str]] = {
     "hf": ("backends.hf_sample", "HFSamplingBackend", "pip install torch transformers peft safetensors"),
-    "vllm": ("backends.vllm", "VLLMSamplingBackend", "make vllm-venv, then run the sampling worker with $TINKERBELL_VLLM_VENV/bin/python"),
+    "vllm": (
+        "backends.vllm",
+        "VLLMSamplingBackend",
+        "make vllm-venv, then run the sampling worker with $TINKERBELL_VLLM_VENV/bin/python",
+    ),
 }
 
 _instances: dict[tuple[str, str, str], Any] = {}
@@ -33,7 +41,9 @@ _lock = threading.Lock()
 
 def _build(kind: str, name: str, table: dict[str, tuple[str, str, str]], settings: Settings) -> Any:
     if name not in table:
-        raise BackendUnavailable(f"unknown {kind} backend {name!r}; choose one of {sorted(table)} (TINKERBELL_{kind.upper()}_BACKEND)")
+        raise BackendUnavailable(
+            f"unknown {kind} backend {name!r}; choose one of {sorted(table)} (TINKERBELL_{kind.upper()}_BACKEND)"
+        )
     module_name, class_name, how = table[name]
     key = (kind, name, settings.device)
     with _lock:
@@ -42,7 +52,9 @@ def _build(kind: str, name: str, table: dict[str, tuple[str, str, str]], setting
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise BackendUnavailable(f"{kind} backend {name!r} is not installed ({exc}); install it with: {how}") from exc
+            raise BackendUnavailable(
+                f"{kind} backend {name!r} is not installed ({exc}); install it with: {how}"
+            ) from exc
         instance = getattr(module, class_name)(settings)
         _instances[key] = instance
         return instance

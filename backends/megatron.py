@@ -65,13 +65,16 @@ def _check_range(arr: np.ndarray, vocab: int, field: str) -> None:
 
 
 class MegatronTrainingBackend:
-    """TrainingBackend on megatron-core: settings.tensor_parallel ranks over settings.device ("cpu", "cuda:0,cuda:1")."""
+    """TrainingBackend on megatron-core: settings.tensor_parallel ranks over settings.device ("cpu",
+    "cuda:0,cuda:1")."""
 
     def __init__(self, settings: Settings, dtype: torch.dtype | None = None) -> None:
         try:
             import megatron.core  # noqa: F401
         except ImportError as exc:
-            raise BackendUnavailable(f"training backend 'megatron' needs megatron-core ({exc}): {INSTALL_HINT}") from exc
+            raise BackendUnavailable(
+                f"training backend 'megatron' needs megatron-core ({exc}): {INSTALL_HINT}"
+            ) from exc
         from backends.megatron_rank import MegatronRank
         from backends.megatron_tp import FollowerGroup, free_port, init_rank, rank_devices
 
@@ -124,7 +127,10 @@ class MegatronTrainingBackend:
         failed = {r: v for r, (ok, v) in answers.items() if not ok}
         if failed and local_failed is None:
             self._group.broken = f"rank(s) {sorted(failed)} failed in {method}"
-            raise RuntimeError(f"megatron tensor-parallel rank(s) failed in {method}; restart the worker:\n{next(iter(failed.values()))}")
+            raise RuntimeError(
+                f"megatron tensor-parallel rank(s) failed in {method}; restart the "
+                f"worker:\n{next(iter(failed.values()))}"
+            )
         if local_failed is not None and len(failed) != len(answers):
             self._group.broken = f"rank 0 alone failed in {method}"
         return {r: v for r, (ok, v) in answers.items() if ok}
@@ -136,7 +142,10 @@ class MegatronTrainingBackend:
 
             path = resolve_model_dir(base_model, self.settings)
             if path is None:
-                raise UserError(f"base_model: unknown model {base_model!r} (not in TINKERBELL_MODELS_DIR, installed packages or the local HF cache)")
+                raise UserError(
+                    f"base_model: unknown model {base_model!r} (not in TINKERBELL_MODELS_DIR, installed packages or "
+                    "the local HF cache)"
+                )
             self._bases[base_model] = self._call("load_base", base_model, str(path))
         return self._bases[base_model]
 
@@ -200,7 +209,9 @@ class MegatronTrainingBackend:
         for i, datum in enumerate(request.data):
             ids = _int_array(datum.tokens, f"data[{i}].model_input")
             if ids.ndim != 1 or ids.size == 0:
-                raise UserError(f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}")
+                raise UserError(
+                    f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}"
+                )
             n = int(ids.size)
             _check_range(ids, vocab, f"data[{i}].model_input")
             if max_len and n > max_len:
@@ -211,7 +222,8 @@ class MegatronTrainingBackend:
             target = _int_array(fn_inputs["target_tokens"], f"data[{i}].loss_fn_inputs.target_tokens")
             if target.ndim not in (1, 2) or target.shape[0] != n or (target.ndim == 2 and target.shape[1] == 0):
                 raise UserError(
-                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input length {n} (expected (N,) or (N, K))"
+                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input "
+                    f"length {n} (expected (N,) or (N, K))"
                 )
             _check_range(target, vocab, f"data[{i}].loss_fn_inputs.target_tokens")
             converted: dict[str, torch.Tensor] = {"target_tokens": torch.tensor(target, device=self.device)}
@@ -219,11 +231,18 @@ class MegatronTrainingBackend:
                 if key == "target_tokens":
                     continue
                 arr = np.asarray(value)
-                if key in PER_TOKEN_INPUTS and (arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)):
-                    raise UserError(f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens {tuple(target.shape)}")
+                if key in PER_TOKEN_INPUTS and (
+                    arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)
+                ):
+                    raise UserError(
+                        f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens "
+                        f"{tuple(target.shape)}"
+                    )
                 if arr.dtype.kind not in "biuf":
                     raise UserError(f"data[{i}].loss_fn_inputs.{key}: expected numbers, got dtype {arr.dtype}")
-                converted[key] = torch.tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device)
+                converted[key] = torch.tensor(
+                    arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device
+                )
             tokens.append(np.ascontiguousarray(ids))
             targets.append(np.ascontiguousarray(target))
             inputs.append(converted)
@@ -279,7 +298,9 @@ class MegatronTrainingBackend:
                 results[p.index] = outcome or RuntimeError("loss was not computed")
                 continue
             outputs = [{"logprobs": a} for a in lp]
-            results[p.index] = FwdBwdResult(loss_fn_outputs=outputs, metrics={k: float(v) for k, v in outcome[1].items()})
+            results[p.index] = FwdBwdResult(
+                loss_fn_outputs=outputs, metrics={k: float(v) for k, v in outcome[1].items()}
+            )
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
@@ -393,7 +414,9 @@ def _unshard(pieces: list[tuple[int | None, np.ndarray | None, np.ndarray]], sha
     return torch.from_numpy(full)
 
 
-def _unshard_optimizer(shards: list[dict[str, Any]], keys: list[str], full_shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+def _unshard_optimizer(
+    shards: list[dict[str, Any]], keys: list[str], full_shapes: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
     """The ranks' AdamW state_dicts -> one, as torch.optim.AdamW over the full PEFT-ordered parameters would save it."""
     first = shards[0]["optimizer"]
     state: dict[int, dict[str, Any]] = {}

@@ -62,7 +62,11 @@ class _LoraLinear(torch.nn.Module):
             return pieces[0]
         filled = []
         for (_, start, end), piece in zip(self.routing.segments, pieces):
-            filled.append(piece if piece is not None else x.new_zeros((x.shape[0], end - start, out_features), dtype=torch.float32))
+            filled.append(
+                piece
+                if piece is not None
+                else x.new_zeros((x.shape[0], end - start, out_features), dtype=torch.float32)
+            )
         return torch.cat(filled, dim=1)  # (s, b, out_features)
 
     def _delta(self, x: torch.Tensor, scale: float, pairs: list[LoraPair]) -> torch.Tensor:
@@ -77,7 +81,9 @@ class ColumnLoRA(_LoraLinear):
         self.shard = shard
         self.register_buffer("order", shard.order, persistent=False)
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None) -> tuple[Any, Any]:
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
+    ) -> tuple[Any, Any]:
         base = self.base
         weight = base.weight if weight is None else weight  # tied lm_head: GPTModel passes the embedding weight
         bias = base.bias if not base.skip_bias_add else None
@@ -118,7 +124,9 @@ class RowLoRA(_LoraLinear):
 
     def _delta(self, x: torch.Tensor, scale: float, pairs: list[LoraPair]) -> torch.Tensor:
         (pair,) = pairs
-        h = reduce_from_tensor_model_parallel_region(F.linear(x.to(pair.A.dtype), pair.A), group=self.base.tp_group)  # (s, n, r)
+        h = reduce_from_tensor_model_parallel_region(
+            F.linear(x.to(pair.A.dtype), pair.A), group=self.base.tp_group
+        )  # (s, n, r)
         return F.linear(h, pair.B) * scale
 
 
@@ -154,8 +162,12 @@ def install(model: Any, layout: Layout, routing: Routing) -> dict[str, LoraModul
         mlp.linear_fc2 = fc2 = RowLoRA(mlp.linear_fc2, routing)
         outs = (s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim)
         for p, (name, out) in enumerate(zip(ATTN_PARTS, outs)):
-            modules[f"{hf}.self_attn.{name}"] = LoraModule(f"{hf}.self_attn.{name}", qkv, p, s.hidden, out, layout.qkv.rows[p])
-        modules[f"{hf}.self_attn.o_proj"] = LoraModule(f"{hf}.self_attn.o_proj", proj, 0, s.heads * s.head_dim, s.hidden, layout.proj_cols)
+            modules[f"{hf}.self_attn.{name}"] = LoraModule(
+                f"{hf}.self_attn.{name}", qkv, p, s.hidden, out, layout.qkv.rows[p]
+            )
+        modules[f"{hf}.self_attn.o_proj"] = LoraModule(
+            f"{hf}.self_attn.o_proj", proj, 0, s.heads * s.head_dim, s.hidden, layout.proj_cols
+        )
         for p, name in enumerate(MLP_PARTS):
             modules[f"{hf}.mlp.{name}"] = LoraModule(f"{hf}.mlp.{name}", fc1, p, s.hidden, s.ffn, layout.fc1.rows[p])
         modules[f"{hf}.mlp.down_proj"] = LoraModule(f"{hf}.mlp.down_proj", fc2, 0, s.ffn, s.hidden, layout.fc2_cols)
@@ -190,7 +202,9 @@ def attach(key: str, modules: list[LoraModule], params: dict[str, torch.nn.Param
     grouped: dict[int, tuple[_LoraLinear, dict[int, LoraPair]]] = {}
     for module in modules:
         key_a, key_b = peft_keys(module)
-        grouped.setdefault(id(module.layer), (module.layer, {}))[1][module.part] = LoraPair(params[key_a], params[key_b])
+        grouped.setdefault(id(module.layer), (module.layer, {}))[1][module.part] = LoraPair(
+            params[key_a], params[key_b]
+        )
     for layer, pairs in grouped.values():
         layer.adapters[key] = (scale, [pairs[p] for p in sorted(pairs)])
 

@@ -49,13 +49,19 @@ def shape_from_hf(path: str | Path, name: str) -> ModelShape:
     config = AutoConfig.from_pretrained(str(path))
     family = str(getattr(config, "model_type", ""))
     if family not in ("llama", "qwen2", "qwen3"):
-        raise UserError(f"base_model: {name!r} is a {family!r} model; the megatron backend supports llama, qwen2 and qwen3")
+        raise UserError(
+            f"base_model: {name!r} is a {family!r} model; the megatron backend supports llama, qwen2 and qwen3"
+        )
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
         raise UserError(f"base_model: {name!r} has an MLP the megatron backend does not convert (needs silu, no bias)")
     if family == "qwen2" and getattr(config, "use_sliding_window", False):
-        raise UserError(f"base_model: {name!r} uses sliding-window attention, which the megatron backend does not convert")
+        raise UserError(
+            f"base_model: {name!r} uses sliding-window attention, which the megatron backend does not convert"
+        )
     if family != "qwen2" and getattr(config, "attention_bias", False):
-        raise UserError(f"base_model: {name!r} has attention biases on every projection; the megatron backend does not convert them")
+        raise UserError(
+            f"base_model: {name!r} has attention biases on every projection; the megatron backend does not convert them"
+        )
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     theta = float(rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
@@ -64,10 +70,14 @@ def shape_from_hf(path: str | Path, name: str) -> ModelShape:
         # megatron-core's llama3 scaling has low/high frequency factors 1 and 4 over 8192 positions built in.
         expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         if any(float(rope.get(k, v)) != v for k, v in expected.items()):
-            raise UserError(f"base_model: {name!r} rope scaling {rope} differs from the llama3 defaults megatron-core has")
+            raise UserError(
+                f"base_model: {name!r} rope scaling {rope} differs from the llama3 defaults megatron-core has"
+            )
         factor = float(rope.get("factor", 8.0))
     elif rope_type != "default":
-        raise UserError(f"base_model: {name!r} uses rope_type {rope_type!r}; the megatron backend supports default and llama3")
+        raise UserError(
+            f"base_model: {name!r} uses rope_type {rope_type!r}; the megatron backend supports default and llama3"
+        )
     heads = int(config.num_attention_heads)
     return ModelShape(
         family=family,
@@ -109,7 +119,9 @@ class Layout:
             if value % tp:
                 raise UserError(f"base_model: {what} {value} is not divisible by tensor_parallel {tp}")
         if s.kv_heads % tp and tp % s.kv_heads:
-            raise UserError(f"base_model: {s.kv_heads} key/value heads and tensor_parallel {tp}: one must divide the other")
+            raise UserError(
+                f"base_model: {s.kv_heads} key/value heads and tensor_parallel {tp}: one must divide the other"
+            )
         self.shape, self.tp, self.rank = shape, tp, rank
         self.qkv = self._qkv()
         self.fc1 = self._even(MLP_PARTS, s.ffn)
@@ -250,9 +262,13 @@ def load_hf_weights(model: Any, shape: ModelShape, layout: Layout, weights: HFWe
         hf, mg = HF_LAYER.format(i=i), f"decoder.layers.{i}"
         get: Callable[[str], torch.Tensor] = lambda name, hf=hf: weights.get(f"{hf}.{name}")
         state[f"{mg}.input_layernorm.weight"] = get("input_layernorm.weight")
-        state[f"{mg}.self_attention.linear_qkv.weight"] = gather_rows(layout.qkv, [get(f"self_attn.{p}.weight") for p in ATTN_PARTS])
+        state[f"{mg}.self_attention.linear_qkv.weight"] = gather_rows(
+            layout.qkv, [get(f"self_attn.{p}.weight") for p in ATTN_PARTS]
+        )
         if s.qkv_bias:
-            state[f"{mg}.self_attention.linear_qkv.bias"] = gather_rows(layout.qkv, [get(f"self_attn.{p}.bias") for p in ATTN_PARTS])
+            state[f"{mg}.self_attention.linear_qkv.bias"] = gather_rows(
+                layout.qkv, [get(f"self_attn.{p}.bias") for p in ATTN_PARTS]
+            )
         if s.qk_norm:
             state[f"{mg}.self_attention.q_layernorm.weight"] = get("self_attn.q_norm.weight")
             state[f"{mg}.self_attention.k_layernorm.weight"] = get("self_attn.k_norm.weight")
@@ -264,10 +280,14 @@ def load_hf_weights(model: Any, shape: ModelShape, layout: Layout, weights: HFWe
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise RuntimeError(f"megatron conversion out of step with GPTModel: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise RuntimeError(
+            f"megatron conversion out of step with GPTModel: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     with torch.no_grad():
         for key, param in params.items():
             value = state[key]
             if tuple(value.shape) != tuple(param.shape):
-                raise RuntimeError(f"megatron conversion: {key} is {tuple(value.shape)}, GPTModel wants {tuple(param.shape)}")
+                raise RuntimeError(
+                    f"megatron conversion: {key} is {tuple(value.shape)}, GPTModel wants {tuple(param.shape)}"
+                )
             param.copy_(value.to(param.dtype))

@@ -102,7 +102,9 @@ class MegatronRank:
                 split[key] = (dim, module.index)
                 params[key] = torch.nn.Parameter(shard(full[key], dim, module.index).to(self.device))
         shapes = {k: (int(v.shape[0]), int(v.shape[1])) for k, v in full.items()}
-        adapter = RankAdapter(model_id, base, lora, modules, params, split, shapes, new_optimizer(list(params.values())))
+        adapter = RankAdapter(
+            model_id, base, lora, modules, params, split, shapes, new_optimizer(list(params.values()))
+        )
         attach(model_id, modules, params, float(lora.alpha) / lora.rank)
         self.adapters[model_id] = adapter
         return sum(a * b for a, b in shapes.values())
@@ -117,7 +119,9 @@ class MegatronRank:
         self.adapters[model_id].optimizer.zero_grad(set_to_none=True)
 
     # ---- the pass -------------------------------------------------------------------------------------------
-    def run_pass(self, base_name: str, items: list[PassItem], loss_hook: LossHook | None = None) -> list[list[np.ndarray]] | None:
+    def run_pass(
+        self, base_name: str, items: list[PassItem], loss_hook: LossHook | None = None
+    ) -> list[list[np.ndarray]] | None:
         """One forward (+ backward) over every item's datums, each adapter on its own rows. Rank 0 returns logprobs."""
         base = self.bases[base_name]
         tokens = [t for item in items for t in item[1]]
@@ -149,7 +153,9 @@ class MegatronRank:
                 views, start = [], 0
                 for _, datum_tokens, datum_targets, _ in items:
                     rows = range(start, start + len(datum_tokens))
-                    views.append([leaf[r, : lengths[r], : widths[r]].reshape(datum_targets[r - start].shape) for r in rows])
+                    views.append(
+                        [leaf[r, : lengths[r], : widths[r]].reshape(datum_targets[r - start].shape) for r in rows]
+                    )
                     start += len(datum_tokens)
                 grad, failure = None, None
                 if loss_hook is not None:
@@ -186,7 +192,9 @@ class MegatronRank:
         picked = reduce_from_tensor_model_parallel_region(picked, group=self.group)
         peak = logits.detach().amax(dim=-1, keepdim=True)  # (B, L, 1)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
-        total = reduce_from_tensor_model_parallel_region((logits - peak).exp().sum(dim=-1, keepdim=True), group=self.group)  # (B, L, 1)
+        total = reduce_from_tensor_model_parallel_region(
+            (logits - peak).exp().sum(dim=-1, keepdim=True), group=self.group
+        )  # (B, L, 1)
         return picked - (total.log() + peak)
 
     def _share_grad(self, grad: torch.Tensor | None, leaf: torch.Tensor) -> torch.Tensor | None:
@@ -224,7 +232,9 @@ class MegatronRank:
         split_norms, whole_norms = [], []
         for key, param in adapter.params.items():
             if param.grad is not None:
-                (whole_norms if adapter.split[key][0] is None else split_norms).append(torch.linalg.vector_norm(param.grad))
+                (whole_norms if adapter.split[key][0] is None else split_norms).append(
+                    torch.linalg.vector_norm(param.grad)
+                )
         if self.world == 1:  # as torch.nn.utils.get_total_norm does it
             norms = split_norms + whole_norms
             return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -254,7 +264,10 @@ class MegatronRank:
             state = adapter.optimizer.state_dict()
             out["optimizer"] = {
                 "param_groups": state["param_groups"],
-                "state": {i: {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for i, s in state["state"].items()},
+                "state": {
+                    i: {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                    for i, s in state["state"].items()
+                },
             }
         return out
 
@@ -282,8 +295,12 @@ class MegatronRank:
         optimizer_state = None
         if with_optimizer:
             if not (src / OPTIMIZER_STATE).is_file():
-                raise UserError(f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer")
-            optimizer_state = self._shard_optimizer(adapter, torch.load(src / OPTIMIZER_STATE, map_location="cpu", weights_only=True))
+                raise UserError(
+                    f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer"
+                )
+            optimizer_state = self._shard_optimizer(
+                adapter, torch.load(src / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+            )
         with torch.no_grad():
             for key, param in adapter.params.items():
                 dim, held = adapter.split[key]

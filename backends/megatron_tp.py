@@ -40,7 +40,10 @@ def rank_devices(settings: Settings) -> list[torch.device]:
     if names == ["cpu"]:
         return [torch.device("cpu")] * tp
     if len(names) != tp:
-        raise ValueError(f"TINKERBELL_DEVICE lists {len(names)} device(s) ({settings.device!r}) but TINKERBELL_TENSOR_PARALLEL is {tp}")
+        raise ValueError(
+            f"TINKERBELL_DEVICE lists {len(names)} device(s) ({settings.device!r}) but TINKERBELL_TENSOR_PARALLEL is "
+            f"{tp}"
+        )
     devices = [torch.device(n) for n in names]
     if any(d.type == "cuda" for d in devices):
         if not torch.cuda.is_available():
@@ -48,7 +51,10 @@ def rank_devices(settings: Settings) -> list[torch.device]:
         count = torch.cuda.device_count()
         for d in devices:
             if d.type == "cuda" and (d.index or 0) >= count:
-                raise ValueError(f"device {d} is not visible here (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, {count} GPU(s))")
+                raise ValueError(
+                    f"device {d} is not visible here "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, {count} GPU(s))"
+                )
     return devices
 
 
@@ -75,11 +81,18 @@ def init_rank(rank: int, world: int, device: torch.device, init_method: str) -> 
     else:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank, timeout=COLLECTIVE_TIMEOUT, **kwargs)
+        dist.init_process_group(
+            backend, init_method=init_method, world_size=world, rank=rank, timeout=COLLECTIVE_TIMEOUT, **kwargs
+        )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world, create_gloo_process_groups=device.type == "cpu")
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=world, create_gloo_process_groups=device.type == "cpu"
+        )
     elif parallel_state.get_tensor_model_parallel_world_size() != world:
-        raise RuntimeError(f"megatron-core is already set up here with tensor_parallel {parallel_state.get_tensor_model_parallel_world_size()}")
+        raise RuntimeError(
+            "megatron-core is already set up here with tensor_parallel "
+            f"{parallel_state.get_tensor_model_parallel_world_size()}"
+        )
     if device.type == "cpu":
         from backends.megatron_cpu import apply_cpu_shims
 
@@ -125,7 +138,9 @@ class FollowerGroup:
                 conn = listener.accept()
                 rank = int(conn.recv())
                 if rank < 0:
-                    raise RuntimeError("a megatron tensor-parallel follower exited before it connected (see its stderr)")
+                    raise RuntimeError(
+                        "a megatron tensor-parallel follower exited before it connected (see its stderr)"
+                    )
                 pending.pop(rank).conn = conn
                 conn.send((settings, rank, self.world, str(devices[rank]), self.init_method, dtype))
             done.set()
@@ -141,7 +156,10 @@ class FollowerGroup:
 
         deadline = time.monotonic() + START_TIMEOUT_S
         while not done.wait(0.5):
-            if any(f.conn is None and f.process.poll() is not None for f in self.followers) or time.monotonic() > deadline:
+            if (
+                any(f.conn is None and f.process.poll() is not None for f in self.followers)
+                or time.monotonic() > deadline
+            ):
                 with Client(address, authkey=authkey) as conn:
                     conn.send(-1)
                 return
@@ -153,7 +171,8 @@ class FollowerGroup:
             follower.conn.send((method, args))
 
     def collect(self) -> dict[int, tuple[bool, Any]]:
-        """Each follower's answer to the last call: rank -> (ok, result or traceback). A dead follower breaks the group."""
+        """Each follower's answer to the last call: rank -> (ok, result or traceback). A dead follower breaks the
+        group."""
         answers: dict[int, tuple[bool, Any]] = {}
         for follower in self.followers:
             while not follower.conn.poll(1.0):

@@ -237,7 +237,9 @@ def convert_packaged_model(name: str, settings: Settings) -> Path:
             if not (tmp / "chat_template.jinja").is_file() and getattr(tokenizer, "chat_template", None):
                 (tmp / "chat_template.jinja").write_text(tokenizer.chat_template)
             _tidy_tokenizer_config(tmp, getattr(config, "max_position_embeddings", None))
-            (tmp / "tinkerbell-source.json").write_text(json.dumps({"model": name, "converted_from": str(gguf), "at": time.time()}) + "\n")
+            (tmp / "tinkerbell-source.json").write_text(
+                json.dumps({"model": name, "converted_from": str(gguf), "at": time.time()}) + "\n"
+            )
             _publish(tmp, target)
         finally:
             if tmp.exists():

@@ -221,7 +221,11 @@ def _lay_out(pieces: list[tuple[int, torch.Tensor]], like: torch.Tensor) -> torc
 def inject(model: nn.Module, routing: Routing) -> dict[str, MultiLoraLinear]:
     """Wrap every nn.Linear named like a LoRA target, once, in place. Returns {module path: layer}, in
     named_modules order (the order PEFT visits modules, which fixes the RNG order of initialisation)."""
-    found = [(path, module) for path, module in model.named_modules() if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in TARGET_MODULES]
+    found = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in TARGET_MODULES
+    ]
     layers: dict[str, MultiLoraLinear] = {}
     for path, module in found:
         parent_path, _, attr = path.rpartition(".")

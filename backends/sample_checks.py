@@ -23,13 +23,17 @@ def plain_tokens(prompt: list[object]) -> list[object]:
     return [int(t) if hasattr(t, "__index__") and not isinstance(t, bool) else t for t in prompt]  # type: ignore
 
 
-def validate(prompt: list[int], params: SamplingSpec, num_samples: int, topk_prompt: int, limits: ModelLimits) -> SamplingSpec:
+def validate(
+    prompt: list[int], params: SamplingSpec, num_samples: int, topk_prompt: int, limits: ModelLimits
+) -> SamplingSpec:
     """The request's SamplingSpec with max_tokens an int and stop None or a list; UserError naming the bad field."""
     if not prompt:
         raise UserError("prompt: empty")
     for pos, tok in enumerate(prompt):
         if not isinstance(tok, int) or not 0 <= tok < limits.vocab_in:
-            raise UserError(f"prompt: token id {tok!r} at position {pos} is outside the vocabulary [0, {limits.vocab_in})")
+            raise UserError(
+                f"prompt: token id {tok!r} at position {pos} is outside the vocabulary [0, {limits.vocab_in})"
+            )
     if not isinstance(num_samples, int) or num_samples < 1:
         raise UserError(f"num_samples: must be a positive integer, got {num_samples!r}")
     if not isinstance(topk_prompt, int) or not 0 <= topk_prompt <= limits.vocab_out:
@@ -41,7 +45,10 @@ def validate(prompt: list[int], params: SamplingSpec, num_samples: int, topk_pro
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise UserError(f"sampling_params.max_tokens: must be a non-negative integer, got {params.max_tokens!r}")
     if room is not None and max_tokens > room:
-        raise UserError(f"sampling_params.max_tokens: prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context length {limits.max_len}")
+        raise UserError(
+            f"sampling_params.max_tokens: prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the context "
+            f"length {limits.max_len}"
+        )
     t, p, k = params.temperature, params.top_p, params.top_k
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
         raise UserError(f"sampling_params.temperature: must be >= 0, got {t!r}")
@@ -57,7 +64,12 @@ def validate(prompt: list[int], params: SamplingSpec, num_samples: int, topk_pro
     if stop is not None:
         if not isinstance(stop, (list, tuple)):
             raise UserError("sampling_params.stop: must be a string, a list of strings or a list of token ids")
-        if not (all(isinstance(s, str) and s for s in stop) or all(isinstance(s, int) and not isinstance(s, bool) for s in stop)):
+        if not (
+            all(isinstance(s, str) and s for s in stop)
+            or all(isinstance(s, int) and not isinstance(s, bool) for s in stop)
+        ):
             raise UserError("sampling_params.stop: must be all non-empty strings or all token ids")
         stop = list(stop)
-    return SamplingSpec(max_tokens=max_tokens, temperature=float(t), top_p=float(p), top_k=k, seed=params.seed, stop=stop)
+    return SamplingSpec(
+        max_tokens=max_tokens, temperature=float(t), top_p=float(p), top_k=k, seed=params.seed, stop=stop
+    )

@@ -166,7 +166,10 @@ class VLLMSamplingBackend:
 
             path = resolve_model_dir(name, self.settings)
             if path is None:
-                raise UserError(f"base_model: unknown model {name!r} (not in TINKERBELL_MODELS_DIR, installed packages or the local HF cache)")
+                raise UserError(
+                    f"base_model: unknown model {name!r} (not in TINKERBELL_MODELS_DIR, installed packages or the "
+                    "local HF cache)"
+                )
             config = _read_json(path / "config.json")
             text = config.get("text_config", config)
             vocab = int(text["vocab_size"])
@@ -219,7 +222,9 @@ class VLLMSamplingBackend:
         directory = Path(adapter_dir)
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file() or not (directory / "adapter_config.json").is_file():
-            raise UserError(f"model_path: no sampler weights (adapter_model.safetensors + adapter_config.json) at {adapter_dir}")
+            raise UserError(
+                f"model_path: no sampler weights (adapter_model.safetensors + adapter_config.json) at {adapter_dir}"
+            )
         stat = weights.stat()
         version = (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
         key = (model.name, str(directory.resolve()))
@@ -239,7 +244,10 @@ class VLLMSamplingBackend:
             or config.get("rank_pattern")
             or config.get("alpha_pattern")
         ):
-            raise UserError(f"model_path: adapter at {adapter_dir} uses LoRA options the sampler does not support (plain LoRA on named modules only)")
+            raise UserError(
+                f"model_path: adapter at {adapter_dir} uses LoRA options the sampler does not support (plain LoRA on "
+                "named modules only)"
+            )
         rank = int(config.get("r") or 0)
         if rank > self.settings.vllm_max_lora_rank:
             raise UserError(
@@ -302,7 +310,9 @@ class VLLMSamplingBackend:
         prompts = [{"prompt_token_ids": row.prompt} for row in rows]
         loras = [row.lora for row in rows]
         try:
-            outputs = model.llm.generate(prompts, [row.params for row in rows], lora_request=loras if any(loras) else None, use_tqdm=False)
+            outputs = model.llm.generate(
+                prompts, [row.params for row in rows], lora_request=loras if any(loras) else None, use_tqdm=False
+            )
         except Exception as exc:  # not the user's: the whole call failed; rows alone still may not
             log.exception("vLLM generate failed for %d request(s) on %s", len(rows), model.name)
             if len(rows) == 1:
@@ -356,7 +366,9 @@ class VLLMSamplingBackend:
         topk_prompt_logprobs: int = 0,
     ) -> SampleResult:
         """Sample num_samples continuations of prompt; as HFSamplingBackend.sample."""
-        request = SampleRequest(base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs)
+        request = SampleRequest(
+            base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs
+        )
         [result] = self.sample_batch([request])
         if isinstance(result, Exception):
             raise result
@@ -389,7 +401,8 @@ def _result(row: _Row, output: Any) -> SampleResult:
         k = row.params.prompt_logprobs
         if k:
             result.topk_prompt_logprobs = [[]] + [
-                [(int(t), float(lp.logprob)) for t, lp in sorted(steps[i].items(), key=lambda kv: kv[1].rank)][:k] for i in range(1, len(row.prompt))
+                [(int(t), float(lp.logprob)) for t, lp in sorted(steps[i].items(), key=lambda kv: kv[1].rank)][:k]
+                for i in range(1, len(row.prompt))
             ]
     return result
 

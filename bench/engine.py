@@ -6,7 +6,8 @@ Side by side in one run on SmolLM2, against what a user would do instead in one 
 (b) one adapter, 8 datums of 16..512 tokens per step, vs plain PEFT with the batch right-padded;
 (c) 64 prompts x 128 new tokens over 8 adapters, 64 concurrent calls, vs the same calls one after another through
     the service, and vs in-process HF `generate` with batch 64 and one adapter.
-Each for float32 and bfloat16 base weights (TINKERBELL_DTYPE). Usage: python bench/engine.py [--steps 2] [--dtypes float32,bfloat16]
+Each for float32 and bfloat16 base weights (TINKERBELL_DTYPE). Usage: python bench/engine.py [--steps 2] [--dtypes
+float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -100,7 +101,12 @@ def training(stack: Stack, batches: list[list], steps: int, dtype: str) -> tuple
     service = tinker.ServiceClient(base_url=stack.url, api_key="tml-bench")
     adam = tinker.types.AdamParams(learning_rate=1e-4)
     with ThreadPoolExecutor(len(batches)) as pool:
-        clients = list(pool.map(lambda i: service.create_lora_training_client(SMOL, rank=RANK, seed=i, train_unembed=False).result(600), range(len(batches))))
+        clients = list(
+            pool.map(
+                lambda i: service.create_lora_training_client(SMOL, rank=RANK, seed=i, train_unembed=False).result(600),
+                range(len(batches)),
+            )
+        )
 
         def service_step(i: int) -> None:
             fb = clients[i].forward_backward(batches[i], "cross_entropy")
@@ -134,11 +140,21 @@ def sampler_paths(stack: Stack, adapters: int) -> list[str]:
     return paths
 
 
-def sampling(stack: Stack, prompts: list[list[int]], paths: list[str], new_tokens: int, sequential: int) -> tuple[float, float]:
+def sampling(
+    stack: Stack, prompts: list[list[int]], paths: list[str], new_tokens: int, sequential: int
+) -> tuple[float, float]:
     tb = TinkerbellClient(stack.url, api_key="tml-bench")
 
     def call(j: int) -> int:
-        out = tb.sample(prompts[j], base_model=SMOL, model_path=paths[j % len(paths)], max_tokens=new_tokens, temperature=1.0, stop=[], seed=j).result(1200)
+        out = tb.sample(
+            prompts[j],
+            base_model=SMOL,
+            model_path=paths[j % len(paths)],
+            max_tokens=new_tokens,
+            temperature=1.0,
+            stop=[],
+            seed=j,
+        ).result(1200)
         return sum(len(s["tokens"]) for s in out["sequences"])
 
     call(0)  # warm-up
@@ -168,9 +184,17 @@ def generate_in_process(stack: Stack, prompts: list[list[int]], new_tokens: int,
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    kwargs = {"attention_mask": mask, "do_sample": True, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": 0}
+    kwargs = {
+        "attention_mask": mask,
+        "do_sample": True,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "pad_token_id": 0,
+    }
     with torch.no_grad():
-        model.generate(input_ids=ids[:2], **{**kwargs, "attention_mask": mask[:2], "max_new_tokens": 4, "min_new_tokens": 4})
+        model.generate(
+            input_ids=ids[:2], **{**kwargs, "attention_mask": mask[:2], "max_new_tokens": 4, "min_new_tokens": 4}
+        )
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, **kwargs)
     elapsed = time.perf_counter() - t0
@@ -195,6 +219,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     rows: list[tuple[str, str, float, float]] = []
+
+    def add(row: tuple[str, str, float, float]) -> None:
+        rows.append(row)
+        print(f"{row[0]} {row[1]}: {row[2]:.1f} vs {row[3]:.1f} ({row[3] / row[2]:.2f}x)", flush=True)
+
     for dtype in args.dtypes.split(","):
         os.environ["TINKERBELL_DTYPE"] = dtype
         os.environ["TINKERBELL_AUTOSAVE"] = "0"  # both sides keep state in memory only
@@ -202,17 +231,31 @@ def main() -> None:
         try:
             for n in [int(a) for a in args.adapters.split(",")]:
                 batches = [[datum(rng, 128)] for _ in range(n)]
-                rows.append((dtype, f"(a) {n} adapter(s) x 1x128, tokens/s", *training(stack, batches, args.steps, dtype)))
+                add((dtype, f"(a) {n} adapter(s) x 1x128, tokens/s", *training(stack, batches, args.steps, dtype)))
             lengths = np.linspace(16, 512, 8).astype(int).tolist()
             batches = [[datum(rng, n) for n in lengths]]
-            rows.append((dtype, "(b) 1 adapter, 8 datums of 16..512, tokens/s", *training(stack, batches, args.steps, dtype)))
+            add((dtype, "(b) 1 adapter, 8 datums of 16..512, tokens/s", *training(stack, batches, args.steps, dtype)))
             if not args.skip_sampling:
                 prompts = [rng.integers(1, VOCAB, size=int(rng.integers(8, 32))).tolist() for _ in range(64)]
                 paths = sampler_paths(stack, 8)
                 concurrent, sequential = sampling(stack, prompts, paths, args.new_tokens, args.sequential)
                 batched = generate_in_process(stack, prompts, args.new_tokens, dtype)
-                rows.append((dtype, f"(c) 64 prompts x {args.new_tokens} over 8 adapters vs HF generate batch 64, 1 adapter", batched, concurrent))
-                rows.append((dtype, f"(c) same, 64 concurrent vs one call after another ({args.sequential} timed)", sequential, concurrent))
+                add(
+                    (
+                        dtype,
+                        f"(c) 64 prompts x {args.new_tokens} over 8 adapters vs HF generate batch 64, 1 adapter",
+                        batched,
+                        concurrent,
+                    )
+                )
+                add(
+                    (
+                        dtype,
+                        f"(c) same, 64 concurrent vs one call after another ({args.sequential} timed)",
+                        sequential,
+                        concurrent,
+                    )
+                )
         finally:
             stack.stop()
             redis.stop()

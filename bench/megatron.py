@@ -26,7 +26,9 @@ def _smollm2_models_dir() -> Path:
     link = root / "models" / DEFAULT_BASE_MODEL.replace("/", "--")
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
-        converted = convert_packaged_model(DEFAULT_BASE_MODEL, Settings.from_env({"TINKERBELL_DATA_DIR": str(root / "converted")}))
+        converted = convert_packaged_model(
+            DEFAULT_BASE_MODEL, Settings.from_env({"TINKERBELL_DATA_DIR": str(root / "converted")})
+        )
         link.symlink_to(converted, target_is_directory=True)
     return link.parent
 
@@ -47,7 +49,9 @@ def _batch(batch: int, seq: int, vocab: int, seed: int) -> list:
     return data
 
 
-def measure(backends: dict[str, object], base_model: str, batch: int, seq: int, steps: int) -> dict[str, dict[str, float]]:
+def measure(
+    backends: dict[str, object], base_model: str, batch: int, seq: int, steps: int
+) -> dict[str, dict[str, float]]:
     """Tokens/s of each backend over `steps` SFT steps after one warm-up; steps alternate between the backends, so
     a busy shared machine slows them alike."""
     from backends.base import AdamSpec, FwdBwdRequest, LoraSpec
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda:0 (HF) ; the Megatron backend uses the same device")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda:0 (HF) ; the Megatron backend uses the same device"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--only", choices=["hf", "megatron"], default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     models = _smollm2_models_dir()
-    settings = Settings(models_dir=str(models), data_dir=str(models.parent / "data"), device=args.device, dtype=args.dtype)
+    settings = Settings(
+        models_dir=str(models), data_dir=str(models.parent / "data"), device=args.device, dtype=args.dtype
+    )
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,8 +117,14 @@ def main(argv: list[str] | None = None) -> None:
         backends["megatron"] = MegatronTrainingBackend(settings, dtype=dtype)
     rows = measure(backends, DEFAULT_BASE_MODEL, args.batch, args.seq, args.steps).items()
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else "no GPU"
-    print(f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {gpu}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"SmolLM2-135M, LoRA rank 32 (attn+mlp+unembed), batch {args.batch} x {args.seq} tokens, {args.dtype} on {args.device}")
+    print(
+        f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {gpu}), torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"SmolLM2-135M, LoRA rank 32 (attn+mlp+unembed), batch {args.batch} x {args.seq} tokens, {args.dtype} on "
+        f"{args.device}"
+    )
     print(f"{'backend':<10} {'tokens/s':>10} {'s/step':>8} {'loss/token':>11}")
     for name, row in rows:
         print(f"{name:<10} {row['tokens_per_s']:>10.1f} {row['step_s']:>8.3f} {row['loss']:>11.4f}")

@@ -38,7 +38,12 @@ def batch(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         tokens = rng.integers(1, vocab, size=length + 1)
-        out.append({"model_input": tokens[:-1].tolist(), "loss_fn_inputs": {"target_tokens": tokens[1:].tolist(), "weights": [1.0] * length}})
+        out.append(
+            {
+                "model_input": tokens[:-1].tolist(),
+                "loss_fn_inputs": {"target_tokens": tokens[1:].tolist(), "weights": [1.0] * length},
+            }
+        )
     return out
 
 
@@ -46,13 +51,17 @@ def in_process_backend(models_dir: Path, data_dir: Path):
     from backends.hf import HFTrainingBackend
     from core.settings import Settings
 
-    return HFTrainingBackend(Settings.from_env({"TINKERBELL_MODELS_DIR": str(models_dir), "TINKERBELL_DATA_DIR": str(data_dir)}))
+    return HFTrainingBackend(
+        Settings.from_env({"TINKERBELL_MODELS_DIR": str(models_dir), "TINKERBELL_DATA_DIR": str(data_dir)})
+    )
 
 
 def to_request(model_id: str, data: list[dict]):
     from backends.base import Datum, FwdBwdRequest
 
-    datums = [Datum(np.asarray(d["model_input"]), {k: np.asarray(v) for k, v in d["loss_fn_inputs"].items()}) for d in data]
+    datums = [
+        Datum(np.asarray(d["model_input"]), {k: np.asarray(v) for k, v in d["loss_fn_inputs"].items()}) for d in data
+    ]
     return FwdBwdRequest(model_id, datums)
 
 
@@ -64,7 +73,12 @@ def bare_celery(stack: Stack):
     from tasks.celery_app import worker_queue
 
     app = Celery("bare", broker=stack.redis.url(stack.db), backend=stack.redis.url(stack.db), set_as_current=False)
-    app.conf.update(task_serializer="msgpack", result_serializer="msgpack", accept_content=["msgpack", "json"], result_accept_content=["msgpack", "json"])
+    app.conf.update(
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=["msgpack", "json"],
+        result_accept_content=["msgpack", "json"],
+    )
     return lambda: app.send_task("celery.accumulate", args=(0,), queue=worker_queue("bench0")).get(timeout=60)
 
 
@@ -111,7 +125,12 @@ def latency_rows(label: str, service: list[float], local: list[float]) -> list[t
             statistics.median(service),
             statistics.median(service) - statistics.median(local),
         ),
-        (f"(a) tiny forward_backward round trip{label}, p95 (ms)", pct(local, 95), pct(service, 95), pct(service, 95) - pct(local, 95)),
+        (
+            f"(a) tiny forward_backward round trip{label}, p95 (ms)",
+            pct(local, 95),
+            pct(service, 95),
+            pct(service, 95) - pct(local, 95),
+        ),
     ]
 
 
@@ -146,20 +165,29 @@ def sft_steps(stack: Stack, data: list[dict], steps: int) -> tuple[list[float], 
 
     # A plain transformers + PEFT + AdamW loop in this process: no Tinkerbell code on its hot path.
     path = resolve_model_dir(SMOL, Settings.from_env(stack.env))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0
+    )
     tokens = torch.tensor([d["model_input"] for d in data])  # (B, T)
     targets = torch.tensor([d["loss_fn_inputs"]["target_tokens"] for d in data])  # (B, T)
     weights = torch.tensor([d["loss_fn_inputs"]["weights"] for d in data])  # (B, T)
 
     def plain_step() -> None:
-        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), -1).gather(-1, targets[..., None])[..., 0]  # (B, T)
+        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), -1).gather(-1, targets[..., None])[
+            ..., 0
+        ]  # (B, T)
         (-(logprobs * weights).sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
 
     tb = TinkerbellClient(stack.url, api_key="tml-bench")
-    model_id = tb.add_lora(base_model=SMOL, rank=16, seed=0, train_unembed=False).result(600)["model_id"]  # same modules as all-linear
+    model_id = tb.add_lora(base_model=SMOL, rank=16, seed=0, train_unembed=False).result(600)[
+        "model_id"
+    ]  # same modules as all-linear
 
     def service_step() -> None:
         fb = tb.forward_backward(model_id, data)
@@ -180,8 +208,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--latency-iters", type=int, default=200)
     parser.add_argument("--sft-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for (b), in the worker and in this process")
-    parser.add_argument("--latency-threads", type=int, default=1, help="torch threads for (a): a tiny call runs fastest on one")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads for (b), in the worker and in this process"
+    )
+    parser.add_argument(
+        "--latency-threads", type=int, default=1, help="torch threads for (a): a tiny call runs fastest on one"
+    )
     parser.add_argument("--skip-sft", action="store_true")
     args = parser.parse_args()
     import torch
@@ -220,10 +252,12 @@ def main() -> None:
         cost = f"+{c:.2f} ms" if "ms" in name else f"{c:.3f}x"
         print(f"| {name} | {a:.2f} | {b:.2f} | {cost} |")
     print(
-        f"\nFor scale: a bare Celery+Redis round trip of a no-op task through the same worker, p50 {statistics.median(bare):.2f} ms, p95 {pct(bare, 95):.2f} ms"
+        "\nFor scale: a bare Celery+Redis round trip of a no-op task through the same worker, p50 "
+        f"{statistics.median(bare):.2f} ms, p95 {pct(bare, 95):.2f} ms"
     )
     print(
-        f"{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters {args.latency_iters}; SFT steps {args.sft_steps}"
+        f"{os.cpu_count()} CPU cores; torch threads: (a) {args.latency_threads}, (b) {args.threads}; latency iters "
+        f"{args.latency_iters}; SFT steps {args.sft_steps}"
     )
 
 

@@ -3,7 +3,8 @@
 from client import TinkerbellClient
 tb = TinkerbellClient("http://localhost:8000", api_key="tml-…")
 model_id = tb.add_lora(rank=16).result()["model_id"]
-tb.forward_backward(model_id, [{"model_input": [...], "loss_fn_inputs": {"target_tokens": [...], "weights": [...]}}]).result()
+datum = {"model_input": [...], "loss_fn_inputs": {"target_tokens": [...], "weights": [...]}}
+tb.forward_backward(model_id, [datum]).result()
 """
 
 from typing import Any

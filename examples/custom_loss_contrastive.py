@@ -33,12 +33,22 @@ def main() -> None:
         target = torch.zeros(logits.shape[0], dtype=torch.long)  # the positive is first
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         top1 = (logits.argmax(-1) == 0).float().mean()
-        return LossFnOutput(loss=loss, diagnostics={"top1:mean": top1, "positive_score:mean": score.view(-1, group_size)[:, 0].mean()})
+        return LossFnOutput(
+            loss=loss, diagnostics={"top1:mean": top1, "positive_score:mean": score.view(-1, group_size)[:, 0].mean()}
+        )
 
     encode = tokenizer(args.base_model)
     data = [datum(encode(prompt), encode(c)) for prompt, *completions in GROUPS for c in completions]
     model_id = client.add_lora(base_model=args.base_model, rank=args.rank, seed=0).result(300)["model_id"]
-    metrics = train(client, model_id, data, "info_nce", {"group_size": len(GROUPS[0]) - 1, "temperature": 0.5}, args.steps, args.learning_rate)
+    metrics = train(
+        client,
+        model_id,
+        data,
+        "info_nce",
+        {"group_size": len(GROUPS[0]) - 1, "temperature": 0.5},
+        args.steps,
+        args.learning_rate,
+    )
     print(f"final: positive ranked first in {metrics['top1:mean']:.0%} of groups")
     client.remove_lora(model_id)  # free the adapter on the service
 

@@ -35,7 +35,9 @@ def main() -> None:
         ratio = (policy - reference).view(-1, 2)  # (P, 2): chosen, rejected
         logits = beta * (ratio[:, 0] - ratio[:, 1])  # (P,)
         loss = -F.logsigmoid(logits).sum()
-        return LossFnOutput(loss=loss, diagnostics={"accuracy:mean": (logits > 0).float().mean(), "margin:mean": logits.mean() / beta})
+        return LossFnOutput(
+            loss=loss, diagnostics={"accuracy:mean": (logits > 0).float().mean(), "margin:mean": logits.mean() / beta}
+        )
 
     encode = tokenizer(args.base_model)
     data = []

@@ -18,7 +18,8 @@ EXAMPLES = [
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - policy; >= 0, unbiased on policy samples."""
+    """Per-token k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - policy; >= 0, unbiased on
+    policy samples."""
     r = ref_logprobs - logprobs
     return torch.exp(r) - r - 1
 
@@ -29,7 +30,8 @@ def main() -> None:
 
     @custom_loss(client, name="kl_sft")
     def kl_sft(model_outputs, loss_fn_inputs, attention_mask, beta=0.1):
-        """Summed NLL of the completion tokens + beta * summed per-token KL estimate (kl_k3, a helper that travels along)."""
+        """Summed NLL of the completion tokens + beta * summed per-token KL estimate (kl_k3, a helper that travels
+        along)."""
         weights = loss_fn_inputs["weights"] * attention_mask  # (B, T)
         logprobs = model_outputs["logprobs"]  # (B, T)
         nll = -(logprobs * weights).sum()

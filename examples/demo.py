@@ -34,7 +34,12 @@ DEMO_KEY = "tml-demo"  # single-user mode (TINKERBELL_AUTH=off) accepts any tml-
 
 def install_tokenizer(base_model: str) -> None:
     """Put the base model's tokenizer in the local HF cache, where the SDK's get_tokenizer() looks (offline)."""
-    subprocess.run([sys.executable, "-m", "backends.models", "install-tokenizer", "--model", base_model], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "backends.models", "install-tokenizer", "--model", base_model],
+        cwd=REPO_ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def load_conversations(path: Path) -> list[list[dict[str, str]]]:
@@ -56,7 +61,10 @@ def make_datum(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
     if full[: len(prompt)] != prompt:
         raise ValueError("chat template: the prompt is not a prefix of the full conversation")
     weights = [0.0] * len(prompt) + [1.0] * (len(full) - len(prompt))
-    return tinker.Datum(model_input=tinker.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:], "weights": weights[1:]})
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(full[:-1]),
+        loss_fn_inputs={"target_tokens": full[1:], "weights": weights[1:]},
+    )
 
 
 def greedy(sampler: Any, tokenizer: Any, question: str, max_tokens: int = 48) -> str:
@@ -65,8 +73,12 @@ def greedy(sampler: Any, tokenizer: Any, question: str, max_tokens: int = 48) ->
 
     prompt = render(tokenizer, [{"role": "user", "content": question}], generation_prompt=True)
     stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[t for t in dict.fromkeys(stop) if isinstance(t, int)])
-    result = sampler.sample(tinker.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result(timeout=600)
+    params = types.SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, stop=[t for t in dict.fromkeys(stop) if isinstance(t, int)]
+    )
+    result = sampler.sample(tinker.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result(
+        timeout=600
+    )
     return tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True).strip()
 
 
@@ -95,10 +107,15 @@ def fine_tune(url: str, args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     service = tinker.ServiceClient(base_url=url, api_key=args.api_key)
-    training = service.create_lora_training_client(base_model=args.base_model, rank=args.rank, seed=0).result(timeout=600)
+    training = service.create_lora_training_client(base_model=args.base_model, rank=args.rank, seed=0).result(
+        timeout=600
+    )
     tokenizer = training.get_tokenizer()
     data = [make_datum(tokenizer, messages) for messages in load_conversations(args.data)]
-    print(f"dataset: {len(data)} conversations from {args.data.relative_to(REPO_ROOT) if args.data.is_relative_to(REPO_ROOT) else args.data}")
+    print(
+        f"dataset: {len(data)} conversations from "
+        f"{args.data.relative_to(REPO_ROOT) if args.data.is_relative_to(REPO_ROOT) else args.data}"
+    )
 
     base_sampler = service.create_sampling_client(base_model=args.base_model).result(timeout=600)
     before = greedy(base_sampler, tokenizer, args.prompt)
@@ -133,13 +150,20 @@ def fine_tune(url: str, args: argparse.Namespace) -> dict[str, Any]:
     after_sampler = training.save_weights_and_get_sampling_client(name="demo-after").result(timeout=600)
     after = greedy(after_sampler, tokenizer, args.prompt)
     print(f"\nafter training   Q: {args.prompt}\n                 A: {after}\n")
-    plot(losses, args.plot, f"{args.base_model.split('/')[-1]}: LoRA rank {args.rank}, lr {args.lr:g}, {args.batch_size} conversations/step")
+    plot(
+        losses,
+        args.plot,
+        f"{args.base_model.split('/')[-1]}: LoRA rank {args.rank}, lr {args.lr:g}, {args.batch_size} "
+        "conversations/step",
+    )
     return {"before": before, "after": after, "losses": losses, "tokens": trained_tokens, "seconds": seconds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps (default 16: a few minutes on 2 CPU cores)")
+    parser.add_argument(
+        "--steps", type=int, default=16, help="optimizer steps (default 16: a few minutes on 2 CPU cores)"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="conversations per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -148,13 +172,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-model", default=os.environ.get("TINKERBELL_BASE_MODEL", DEFAULT_BASE_MODEL))
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "logs" / "demo_loss.png", help="loss-curve PNG")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards (Ctrl-C stops it)")
-    parser.add_argument("--url", default=None, help="use an already running Tinkerbell at this URL instead of starting one")
-    parser.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY", DEMO_KEY), help="API key (the demo's own stack runs with auth off)")
-    parser.add_argument("--port", type=int, default=None, help="API port of the demo stack (default TINKERBELL_PORT or 8000)")
-    parser.add_argument("--redis-port", type=int, default=None, help="start (or reuse) Redis on this port (default: TINKERBELL_BROKER_URL)")
-    parser.add_argument("--workers", type=int, default=None, help="workers: one per GPU by default, else one CPU worker")
+    parser.add_argument(
+        "--url", default=None, help="use an already running Tinkerbell at this URL instead of starting one"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TINKER_API_KEY", DEMO_KEY),
+        help="API key (the demo's own stack runs with auth off)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, help="API port of the demo stack (default TINKERBELL_PORT or 8000)"
+    )
+    parser.add_argument(
+        "--redis-port",
+        type=int,
+        default=None,
+        help="start (or reuse) Redis on this port (default: TINKERBELL_BROKER_URL)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="workers: one per GPU by default, else one CPU worker"
+    )
     parser.add_argument("--cpu", action="store_true", help="CPU workers even when GPUs are present")
-    parser.add_argument("--flower-port", type=int, default=None, help="Flower port of the demo stack (default TINKERBELL_FLOWER_PORT or 5555)")
+    parser.add_argument(
+        "--flower-port",
+        type=int,
+        default=None,
+        help="Flower port of the demo stack (default TINKERBELL_FLOWER_PORT or 5555)",
+    )
     parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
@@ -165,7 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the stack too (the finally below)
-    logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)  # a "Retrying … try_again" line per long-poll
+    logging.getLogger("tinker.lib.api_future_impl").setLevel(
+        logging.ERROR
+    )  # a "Retrying … try_again" line per long-poll
     print(f"installing the {args.base_model} tokenizer into the local Hugging Face cache …")
     install_tokenizer(args.base_model)
     stack = None
@@ -173,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         from scripts import stack as stacklib
 
         log_path = REPO_ROOT / "logs" / "stack.log"
-        print(f"starting the local stack (logs: {log_path.relative_to(REPO_ROOT)}; the first start converts the model, ~30 s) …")
+        print(
+            f"starting the local stack (logs: {log_path.relative_to(REPO_ROOT)}; the first start converts the model, "
+            "~30 s) …"
+        )
         environ = {**os.environ, "TINKERBELL_AUTH": "off", "TINKERBELL_BASE_MODEL": args.base_model}
         try:
             stack = stacklib.start_stack(
@@ -202,11 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         result = fine_tune(url, args)
         losses = result["losses"]
         print(
-            f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, {result['tokens']} tokens in {result['seconds']:.0f} s ({result['tokens'] / result['seconds']:.0f} tokens/s)"
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, {result['tokens']} tokens in "
+            f"{result['seconds']:.0f} s ({result['tokens'] / result['seconds']:.0f} tokens/s)"
         )
         print(f"loss curve: {args.plot}")
         if stack is not None and args.keep_running:
-            print(f"\nThe stack keeps running: status page {url}/ , Flower {stack.flower_url or '(off)'}. Ctrl-C stops it.")
+            print(
+                f"\nThe stack keeps running: status page {url}/ , Flower {stack.flower_url or '(off)'}. Ctrl-C stops "
+                "it."
+            )
             stop = {"requested": False}
             signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
             signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))

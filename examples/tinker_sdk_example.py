@@ -36,7 +36,11 @@ def main() -> None:
 
     print("saved", training.save_state("example").result().path)
     sampler = training.save_weights_and_get_sampling_client()
-    result = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=types.SamplingParams(max_tokens=8, temperature=0.0)).result()
+    result = sampler.sample(
+        types.ModelInput.from_ints(prompt),
+        num_samples=1,
+        sampling_params=types.SamplingParams(max_tokens=8, temperature=0.0),
+    ).result()
     print("sample:", repr(tokenizer.decode(result.sequences[0].tokens)))
     service.close("success").result()
 

@@ -51,7 +51,9 @@ def _rl_inputs(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Ten
 
 def _masked_mean(values: Tensor, mask: Tensor, empty: float) -> Tensor:
     count = mask.sum()
-    return torch.where(count > 0, (values * mask).sum() / count.clamp_min(1), torch.full_like(count, empty, dtype=values.dtype))
+    return torch.where(
+        count > 0, (values * mask).sum() / count.clamp_min(1), torch.full_like(count, empty, dtype=values.dtype)
+    )
 
 
 def _ratio_stats(ratio: Tensor, active: Tensor) -> dict[str, Tensor]:
@@ -75,18 +77,24 @@ def _floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(metrics, values))
 
 
-def cross_entropy(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def cross_entropy(
+    target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
     """loss = (-target_logprobs * weights).sum()
 
     target_tokens (N,) or (N, K); weights (N,) or shaped like target_tokens, any sign, default ones.
     """
     lp = _cat(target_logprobs)
-    weights = _cat([d["weights"] if "weights" in d else torch.ones_like(t) for t, d in zip(target_logprobs, loss_fn_inputs)])
+    weights = _cat(
+        [d["weights"] if "weights" in d else torch.ones_like(t) for t, d in zip(target_logprobs, loss_fn_inputs)]
+    )
     loss = (-lp * weights).sum()
     return loss, {}
 
 
-def importance_sampling(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def importance_sampling(
+    target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
     """loss = -(exp(lp - sampling_lp) * A).sum()"""
     lp, slp, advantages = _rl_inputs(target_logprobs, loss_fn_inputs)
     ratio = torch.exp(lp - slp)
@@ -94,7 +102,9 @@ def importance_sampling(target_logprobs: list[Tensor], loss_fn_inputs: list[dict
     return loss, _floats(_ratio_stats(ratio.detach(), advantages != 0))
 
 
-def ppo(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def ppo(
+    target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
     """r = exp(lp - slp); loss = -min(r·A, clamp(r, lo, hi)·A).sum()
 
     lo, hi = loss_fn_config clip_low_threshold / clip_high_threshold (default 0.8 / 1.2).
@@ -105,11 +115,17 @@ def ppo(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], 
     loss = -torch.minimum(r * advantages, torch.clamp(r, low, high) * advantages).sum()
 
     r, active = r.detach(), advantages != 0
-    clipped = ((advantages > 0) & (r > high)) | ((advantages < 0) & (r < low))  # the min picked the constant: no gradient
-    return loss, _floats({**_ratio_stats(r, active), "clip_fraction:mean": _masked_mean(clipped.to(r.dtype), active, 0.0)})
+    clipped = ((advantages > 0) & (r > high)) | (
+        (advantages < 0) & (r < low)
+    )  # the min picked the constant: no gradient
+    return loss, _floats(
+        {**_ratio_stats(r, active), "clip_fraction:mean": _masked_mean(clipped.to(r.dtype), active, 0.0)}
+    )
 
 
-def cispo(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def cispo(
+    target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
     """r = exp(lp - slp); loss = -(clamp(r, lo, hi).detach() * lp * A).sum()
 
     lo, hi as for ppo (default 0.8 / 1.2).
@@ -121,10 +137,14 @@ def cispo(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]]
 
     r, active = r.detach(), advantages != 0
     clipped = (r < low) | (r > high)
-    return loss, _floats({**_ratio_stats(r, active), "clip_fraction:mean": _masked_mean(clipped.to(r.dtype), active, 0.0)})
+    return loss, _floats(
+        {**_ratio_stats(r, active), "clip_fraction:mean": _masked_mean(clipped.to(r.dtype), active, 0.0)}
+    )
 
 
-def dro(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def dro(
+    target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
     """loss = -(lp·A - 0.5·β·(lp - slp)²).sum()
 
     β = loss_fn_config beta (default 0.05, Tinkerbell's choice: the docs give none).
@@ -140,7 +160,9 @@ def dro(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], 
     return loss, _floats({**_ratio_stats(ratio, advantages != 0), "penalty:sum": penalty.detach().sum()})
 
 
-def gspo(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+def gspo(
+    target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
     """s = mean over masked tokens of (lp.detach() - slp), per sequence; r_t = exp(s + lp - lp.detach());
     loss = -min(r_t·A, clamp(r_t, lo, hi)·A).sum()
 
@@ -149,11 +171,20 @@ def gspo(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]],
     """
     low, high = _clip_thresholds(config)
     lp, slp, advantages = _rl_inputs(target_logprobs, loss_fn_inputs)
-    mask = _cat([d["sequence_ratio_mask"] if "sequence_ratio_mask" in d else torch.ones_like(t) for t, d in zip(target_logprobs, loss_fn_inputs)])
+    mask = _cat(
+        [
+            d["sequence_ratio_mask"] if "sequence_ratio_mask" in d else torch.ones_like(t)
+            for t, d in zip(target_logprobs, loss_fn_inputs)
+        ]
+    )
 
     lengths = torch.tensor([t.numel() for t in target_logprobs], device=lp.device)  # (B,)
-    datum_of_token = torch.repeat_interleave(torch.arange(len(target_logprobs), device=lp.device), lengths)  # (T_total,)
-    num = torch.zeros(len(target_logprobs), dtype=lp.dtype, device=lp.device).index_add_(0, datum_of_token, (lp.detach() - slp) * mask)  # (B,)
+    datum_of_token = torch.repeat_interleave(
+        torch.arange(len(target_logprobs), device=lp.device), lengths
+    )  # (T_total,)
+    num = torch.zeros(len(target_logprobs), dtype=lp.dtype, device=lp.device).index_add_(
+        0, datum_of_token, (lp.detach() - slp) * mask
+    )  # (B,)
     den = torch.zeros_like(num).index_add_(0, datum_of_token, mask)  # (B,)
     seq_log_ratio = num / torch.where(den == 0, torch.ones_like(den), den)  # (B,); 0 where the mask is empty
 
@@ -177,10 +208,41 @@ _CLIP_CONFIG = {"clip_low_threshold": CLIP_LOW_THRESHOLD, "clip_high_threshold":
 
 # replace=True: re-importing this module (e.g. importlib.reload) re-registers the same functions.
 register_loss("cross_entropy", cross_entropy, builtin=True, replace=True, optional_inputs=("weights",))
-register_loss("importance_sampling", importance_sampling, builtin=True, replace=True, required_inputs=_RL_INPUTS, metrics=RATIO_METRICS)
-register_loss("ppo", ppo, builtin=True, replace=True, required_inputs=_RL_INPUTS, config=_CLIP_CONFIG, metrics=(*RATIO_METRICS, "clip_fraction:mean"))
-register_loss("cispo", cispo, builtin=True, replace=True, required_inputs=_RL_INPUTS, config=_CLIP_CONFIG, metrics=(*RATIO_METRICS, "clip_fraction:mean"))
-register_loss("dro", dro, builtin=True, replace=True, required_inputs=_RL_INPUTS, config={"beta": DRO_BETA}, metrics=(*RATIO_METRICS, "penalty:sum"))
+register_loss(
+    "importance_sampling",
+    importance_sampling,
+    builtin=True,
+    replace=True,
+    required_inputs=_RL_INPUTS,
+    metrics=RATIO_METRICS,
+)
+register_loss(
+    "ppo",
+    ppo,
+    builtin=True,
+    replace=True,
+    required_inputs=_RL_INPUTS,
+    config=_CLIP_CONFIG,
+    metrics=(*RATIO_METRICS, "clip_fraction:mean"),
+)
+register_loss(
+    "cispo",
+    cispo,
+    builtin=True,
+    replace=True,
+    required_inputs=_RL_INPUTS,
+    config=_CLIP_CONFIG,
+    metrics=(*RATIO_METRICS, "clip_fraction:mean"),
+)
+register_loss(
+    "dro",
+    dro,
+    builtin=True,
+    replace=True,
+    required_inputs=_RL_INPUTS,
+    config={"beta": DRO_BETA},
+    metrics=(*RATIO_METRICS, "penalty:sum"),
+)
 register_loss(
     "gspo",
     gspo,

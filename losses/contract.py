@@ -91,22 +91,35 @@ def _unpack(result: Any, name: str) -> LossFnOutput:
         return result
     if isinstance(result, tuple):
         if len(result) != 2:
-            raise UserError(f"custom loss {name!r}: returned a tuple of {len(result)} items; expected (loss, diagnostics)")
+            raise UserError(
+                f"custom loss {name!r}: returned a tuple of {len(result)} items; expected (loss, diagnostics)"
+            )
         return LossFnOutput(loss=result[0], diagnostics=result[1])
     if isinstance(result, dict):
         if "loss" not in result:
             raise UserError(f"custom loss {name!r}: returned a dict without 'loss' (keys: {sorted(map(str, result))})")
         extra = set(result) - {"loss", "logprobs", "diagnostics"}
         if extra:
-            raise UserError(f"custom loss {name!r}: returned dict has unexpected keys {sorted(map(str, extra))}; allowed: loss, logprobs, diagnostics")
-        return LossFnOutput(loss=result["loss"], logprobs=result.get("logprobs"), diagnostics=result.get("diagnostics") or {})
-    raise UserError(f"custom loss {name!r}: returned {type(result).__name__}; expected LossFnOutput, a (loss, diagnostics) tuple or a dict with 'loss'")
+            raise UserError(
+                f"custom loss {name!r}: returned dict has unexpected keys {sorted(map(str, extra))}; allowed: loss, "
+                "logprobs, diagnostics"
+            )
+        return LossFnOutput(
+            loss=result["loss"], logprobs=result.get("logprobs"), diagnostics=result.get("diagnostics") or {}
+        )
+    raise UserError(
+        f"custom loss {name!r}: returned {type(result).__name__}; expected LossFnOutput, a (loss, diagnostics) tuple "
+        "or a dict with 'loss'"
+    )
 
 
 def _diagnostic_value(key: str, value: Any, name: str) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise UserError(f"custom loss {name!r}: diagnostics[{key!r}] is a tensor of shape {tuple(value.shape)}; expected a single number")
+            raise UserError(
+                f"custom loss {name!r}: diagnostics[{key!r}] is a tensor of shape {tuple(value.shape)}; expected a "
+                "single number"
+            )
         value = value.detach().item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"custom loss {name!r}: diagnostics[{key!r}] is {type(value).__name__}; expected a number")
@@ -122,14 +135,20 @@ def _check_logprobs(logprobs: Any, reference: Tensor, name: str) -> None:
     if isinstance(logprobs, Tensor):
         if logprobs.shape != reference.shape:
             raise UserError(
-                f"custom loss {name!r}: logprobs has shape {tuple(logprobs.shape)}; expected {tuple(reference.shape)} like model_outputs['logprobs']"
+                f"custom loss {name!r}: logprobs has shape {tuple(logprobs.shape)}; expected "
+                f"{tuple(reference.shape)} like model_outputs['logprobs']"
             )
         return
     if isinstance(logprobs, list) and all(isinstance(t, Tensor) for t in logprobs):
         if len(logprobs) != reference.shape[0]:
-            raise UserError(f"custom loss {name!r}: logprobs is a list of {len(logprobs)} tensors; expected one per datum ({reference.shape[0]})")
+            raise UserError(
+                f"custom loss {name!r}: logprobs is a list of {len(logprobs)} tensors; expected one per datum "
+                f"({reference.shape[0]})"
+            )
         return
-    raise UserError(f"custom loss {name!r}: logprobs is {type(logprobs).__name__}; expected a tensor, a list of tensors or None")
+    raise UserError(
+        f"custom loss {name!r}: logprobs is {type(logprobs).__name__}; expected a tensor, a list of tensors or None"
+    )
 
 
 def call_custom_loss(
@@ -160,7 +179,9 @@ def call_custom_loss(
     if not isinstance(loss, Tensor):
         raise UserError(f"custom loss {name!r}: loss is {type(loss).__name__}; expected a torch scalar tensor")
     if loss.dim() != 0:
-        raise UserError(f"custom loss {name!r}: loss has shape {tuple(loss.shape)}; expected a scalar (reduce it, e.g. .sum())")
+        raise UserError(
+            f"custom loss {name!r}: loss has shape {tuple(loss.shape)}; expected a scalar (reduce it, e.g. .sum())"
+        )
     if not loss.is_floating_point():
         raise UserError(f"custom loss {name!r}: loss has dtype {loss.dtype}; expected a floating-point tensor")
     if not torch.isfinite(loss).item():
@@ -168,13 +189,16 @@ def call_custom_loss(
     logprobs = model_outputs.get("logprobs")
     if isinstance(logprobs, Tensor) and logprobs.requires_grad and not loss.requires_grad:
         raise UserError(
-            f"custom loss {name!r}: loss does not require grad; it must be computed from model_outputs['logprobs'] (no .detach(), .item() or torch.no_grad())"
+            f"custom loss {name!r}: loss does not require grad; it must be computed from model_outputs['logprobs'] "
+            "(no .detach(), .item() or torch.no_grad())"
         )
     if isinstance(logprobs, Tensor):
         _check_logprobs(out.logprobs, logprobs, name)
 
     if not isinstance(out.diagnostics, dict):
-        raise UserError(f"custom loss {name!r}: diagnostics is {type(out.diagnostics).__name__}; expected a dict of str -> number")
+        raise UserError(
+            f"custom loss {name!r}: diagnostics is {type(out.diagnostics).__name__}; expected a dict of str -> number"
+        )
     metrics: dict[str, float] = {}
     for key, value in out.diagnostics.items():
         try:

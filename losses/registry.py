@@ -161,7 +161,9 @@ def compute_loss(
             raise UserError("loss_fn_config.loss_id: required (the name of an uploaded loss) when loss_fn is 'custom'")
         entry = get_loss_entry(loss_id)
         if not entry.custom:
-            raise UserError(f"loss_fn_config.loss_id: {loss_id!r} is not a custom loss; pass loss_fn={loss_id!r} instead")
+            raise UserError(
+                f"loss_fn_config.loss_id: {loss_id!r} is not a custom loss; pass loss_fn={loss_id!r} instead"
+            )
     else:
         entry = get_loss_entry(loss_fn)
         if entry.custom:
@@ -171,11 +173,14 @@ def compute_loss(
     loss, raw_metrics = entry.run(logprobs, inputs, config)
 
     if not isinstance(loss, Tensor) or loss.dim() != 0:
-        raise ValueError(f"loss {entry.name!r} returned {type(loss).__name__} {getattr(loss, 'shape', '')}, not a scalar tensor")
+        raise ValueError(
+            f"loss {entry.name!r} returned {type(loss).__name__} {getattr(loss, 'shape', '')}, not a scalar tensor"
+        )
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
         raise UserError(
-            f"loss_fn {entry.name!r}: loss is not finite ({loss_value}); loss_fn_inputs are finite, so a term overflowed:"
+            f"loss_fn {entry.name!r}: loss is not finite ({loss_value}); loss_fn_inputs are finite, so a term "
+            "overflowed:"
             " a -inf target logprob, or exp(lp - loss_fn_inputs.logprobs) with sampler logprobs far from the model's"
         )
     metrics = {normalize_metric_key(k, default_reduction=None): float(v) for k, v in raw_metrics.items()}
@@ -183,7 +188,9 @@ def compute_loss(
     return loss, metrics
 
 
-def _prepare(entry: LossEntry, target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def _prepare(
+    entry: LossEntry, target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]]
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Check every datum's inputs against the loss and target_tokens; return float32 logprobs and inputs.
 
     Built-in losses get their per-token inputs as float32 shaped exactly like target_tokens ((N,) inputs are
@@ -206,7 +213,10 @@ def _prepare(entry: LossEntry, target_logprobs: list[Tensor], loss_fn_inputs: li
                 raise UserError(f"{where}.{key}: required by {entry.name}")
         target = _tensor(datum["target_tokens"], f"{where}.target_tokens")
         if target.dim() not in (1, 2) or target.is_floating_point() or target.dtype == torch.bool:
-            raise UserError(f"{where}.target_tokens: expected an integer tensor of shape (N,) or (N, K), got {target.dtype} {tuple(target.shape)}")
+            raise UserError(
+                f"{where}.target_tokens: expected an integer tensor of shape (N,) or (N, K), got {target.dtype} "
+                f"{tuple(target.shape)}"
+            )
         if tuple(lp.shape) != tuple(target.shape):
             raise ValueError(f"target_logprobs[{i}] has shape {tuple(lp.shape)}, target_tokens {tuple(target.shape)}")
         logprobs_out.append(lp.float())
@@ -215,18 +225,25 @@ def _prepare(entry: LossEntry, target_logprobs: list[Tensor], loss_fn_inputs: li
         if entry.custom:
             if set(datum) != first_keys:
                 raise UserError(
-                    f"{where}: keys {sorted(datum)} differ from loss_fn_inputs[0] {sorted(first_keys)}; a custom loss needs the same keys in every datum"
+                    f"{where}: keys {sorted(datum)} differ from loss_fn_inputs[0] {sorted(first_keys)}; a custom "
+                    "loss needs the same keys in every datum"
                 )
             for key in sorted(set(datum) - {"target_tokens"}):
                 value = _tensor(datum[key], f"{where}.{key}")
                 first = loss_fn_inputs[0][key]
-                if value.dim() < 1 or value.shape[0] != target.shape[0] or tuple(value.shape[1:]) != tuple(getattr(first, "shape", ())[1:]):
+                if (
+                    value.dim() < 1
+                    or value.shape[0] != target.shape[0]
+                    or tuple(value.shape[1:]) != tuple(getattr(first, "shape", ())[1:])
+                ):
                     raise UserError(
                         f"{where}.{key}: shape {tuple(value.shape)} does not match target_tokens {tuple(target.shape)}"
                         f" (need N={target.shape[0]} first, and the same trailing shape in every datum)"
                     )
                 if value.dtype != first.dtype:
-                    raise UserError(f"{where}.{key}: dtype {value.dtype} differs from loss_fn_inputs[0].{key} ({first.dtype})")
+                    raise UserError(
+                        f"{where}.{key}: dtype {value.dtype} differs from loss_fn_inputs[0].{key} ({first.dtype})"
+                    )
                 if value.is_floating_point():
                     finite_checks.append((f"{where}.{key}", value))
         else:
@@ -239,7 +256,10 @@ def _prepare(entry: LossEntry, target_logprobs: list[Tensor], loss_fn_inputs: li
                         value = value.unsqueeze(1).expand_as(target)  # (N,) -> (N, K)
                     else:
                         allowed = f" or ({target.shape[0]},)" if target.dim() == 2 else ""
-                        raise UserError(f"{where}.{key}: shape {tuple(value.shape)} does not match target_tokens {tuple(target.shape)}{allowed}")
+                        raise UserError(
+                            f"{where}.{key}: shape {tuple(value.shape)} does not match target_tokens "
+                            f"{tuple(target.shape)}{allowed}"
+                        )
                 value = value.to(torch.float32)
                 finite_checks.append((f"{where}.{key}", value))
                 prepared[key] = value
@@ -263,7 +283,9 @@ def _tensor(value: Any, field_name: str) -> Tensor:
 def _custom_runner(name: str, fn: CustomLossFn) -> LossFn:
     """Adapt a custom-contract loss to LossFn: pad the datums into (B, T) batches and check its result."""
 
-    def run(target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def run(
+        target_logprobs: list[Tensor], loss_fn_inputs: list[dict[str, Tensor]], config: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, float]]:
         logprobs, attention_mask = pad_batch(target_logprobs)  # (B, T), (B, T)
         padded = {key: pad_batch([datum[key] for datum in loss_fn_inputs])[0] for key in loss_fn_inputs[0]}
         model_outputs = {"logprobs": logprobs, "target_tokens": padded["target_tokens"]}

@@ -69,7 +69,10 @@ def find_redis_server() -> str:
 
 def parse_gpu_list(nvidia_smi_l: str, visible: str | None) -> list[int]:
     """Physical GPU indices from `nvidia-smi -L` output, limited to CUDA_VISIBLE_DEVICES (indices or UUIDs) when set."""
-    gpus = [(int(m.group(1)), m.group(2)) for m in re.finditer(r"^GPU (\d+):.*?(?:\(UUID: (\S+)\))?$", nvidia_smi_l, re.MULTILINE)]
+    gpus = [
+        (int(m.group(1)), m.group(2))
+        for m in re.finditer(r"^GPU (\d+):.*?(?:\(UUID: (\S+)\))?$", nvidia_smi_l, re.MULTILINE)
+    ]
     if visible is None:
         return [index for index, _ in gpus]
     allowed = {token.strip() for token in visible.split(",") if token.strip()}
@@ -250,14 +253,19 @@ class Stack:
             return None
         return {worker.get("name") for worker in health.get("workers", []) if isinstance(worker, dict)}
 
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float, stop_requested: Callable[[], bool]) -> None:
+    def wait_until(
+        self, ready: Callable[[], bool], what: str, timeout_s: float, stop_requested: Callable[[], bool]
+    ) -> None:
         """Poll `ready` until true; fail when a child dies, the time runs out or a stop is requested."""
         deadline = time.monotonic() + timeout_s
         while not ready():
             if stop_requested():
                 raise StackInterrupted(f"stopped while waiting for {what}")
             if (dead := self.exited()) is not None:
-                raise StackError(f"{dead.name} exited with code {dead.proc.returncode} while waiting for {what} (see the [{dead.name}] lines above)")
+                raise StackError(
+                    f"{dead.name} exited with code {dead.proc.returncode} while waiting for {what} (see the "
+                    f"[{dead.name}] lines above)"
+                )
             if time.monotonic() > deadline:
                 raise StackError(f"{what} not ready after {timeout_s:.0f}s")
             time.sleep(POLL_S)
@@ -271,7 +279,8 @@ class Stack:
         return None
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM every process group, SIGKILL what is left after timeout_s; Redis last, so workers can finish with it."""
+        """SIGTERM every process group, SIGKILL what is left after timeout_s; Redis last, so workers can finish with
+        it."""
         if self._stopped:
             return
         self._stopped = True
@@ -318,7 +327,10 @@ class Stack:
             lines.append(f"  Flower       {self.flower_url}   login {s.flower_user} / {s.flower_password}")
         lines += [
             f"  Workers      {', '.join(f'{w.name} ({w.device})' for w in self.workers)}",
-            f"  Redis        {self.redis_url}   ({'started here' if self.started_redis else 'already running, reused'})",
+            (
+                f"  Redis        {self.redis_url}   "
+                f"({'started here' if self.started_redis else 'already running, reused'})"
+            ),
             f"  Base model   {s.base_model}",
             f"  Data         {s.data_path}",
         ]
@@ -339,7 +351,9 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def child_environment(base: Mapping[str, str], port: int | None, redis_port: int | None, flower_port: int | None) -> dict[str, str]:
+def child_environment(
+    base: Mapping[str, str], port: int | None, redis_port: int | None, flower_port: int | None
+) -> dict[str, str]:
     """The environment every child gets: the caller's, plus the flags, with paths made absolute."""
     env = dict(base)
     if port is not None:
@@ -389,7 +403,13 @@ def start_stack(
     width = max(len(f"[worker-{spec.name}]") for spec in specs)
     stream = (sys.stdout if echo else None) if isinstance(echo, bool) else echo
     stack = Stack(
-        env=env, settings=settings, workers=specs, redis_url=settings.broker_url, mux=LogMux(log_path, stream, max(width, 8)), log_path=log_path, flower=flower
+        env=env,
+        settings=settings,
+        workers=specs,
+        redis_url=settings.broker_url,
+        mux=LogMux(log_path, stream, max(width, 8)),
+        log_path=log_path,
+        flower=flower,
     )
     try:
         _start_all(stack, ready_timeout_s, stop_requested)
@@ -419,18 +439,37 @@ def _start_all(stack: Stack, ready_timeout_s: float, stop_requested: Callable[[]
         )
     stack.spawn("api", [sys.executable, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api:create_app()"])
     if stack.flower:
-        # The login travels in Flower's own FLOWER_BASIC_AUTH variable (same as --basic-auth), not on the command line `ps` shows.
+        # The login travels in Flower's own FLOWER_BASIC_AUTH variable (same as --basic-auth), not on the command
+        # line `ps` shows.
         stack.spawn(
             "flower",
-            [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={settings.flower_port}", f"--address={settings.host}"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "flower",
+                f"--port={settings.flower_port}",
+                f"--address={settings.host}",
+            ],
             {"FLOWER_BASIC_AUTH": f"{settings.flower_user}:{settings.flower_password}"},
         )
 
     expected = {spec.name for spec in stack.workers}
-    stack.wait_until(lambda: stack.live_worker_names() is not None, "the API (/healthz)", ready_timeout_s, stop_requested)
-    stack.wait_until(lambda: expected <= (stack.live_worker_names() or set()), f"workers {sorted(expected)}", ready_timeout_s, stop_requested)
+    stack.wait_until(
+        lambda: stack.live_worker_names() is not None, "the API (/healthz)", ready_timeout_s, stop_requested
+    )
+    stack.wait_until(
+        lambda: expected <= (stack.live_worker_names() or set()),
+        f"workers {sorted(expected)}",
+        ready_timeout_s,
+        stop_requested,
+    )
     if stack.flower_url:
-        stack.wait_until(lambda: http_get_json(stack.flower_url + "/healthcheck") is not None, "Flower", 60, stop_requested)
+        stack.wait_until(
+            lambda: http_get_json(stack.flower_url + "/healthcheck") is not None, "Flower", 60, stop_requested
+        )
     for line in stack.banner():
         stack.say(line)
 
@@ -443,13 +482,27 @@ def ensure_redis(stack: Stack, stop_requested: Callable[[], bool] = lambda: Fals
         return
     parts = urlsplit(url)
     if parts.scheme != "redis" or (parts.hostname or "127.0.0.1") not in LOCAL_HOSTS:
-        raise StackError(f"Redis at {url} does not answer, and it is not on this machine, so this script cannot start it")
+        raise StackError(
+            f"Redis at {url} does not answer, and it is not on this machine, so this script cannot start it"
+        )
     redis_port = parts.port or 6379
     redis_dir = stack.settings.data_path / f"redis-{redis_port}"
     redis_dir.mkdir(parents=True, exist_ok=True)
     stack.spawn(
         "redis",
-        [find_redis_server(), "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(redis_dir), "--appendonly", "yes", "--save", ""],
+        [
+            find_redis_server(),
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(redis_dir),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ],
     )
     stack.started_redis = True
     stack.wait_until(lambda: redis_answers(url), f"Redis on port {redis_port}", 20, stop_requested)
@@ -465,18 +518,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=None,
-        help=f"CPU workers without GPUs (default TINKERBELL_MAX_WORKERS={settings.max_workers}); with GPUs, use the first N",
+        help=f"CPU workers without GPUs (default TINKERBELL_MAX_WORKERS={settings.max_workers}); with GPUs, use the "
+        "first N",
     )
     parser.add_argument("--cpu", action="store_true", help="CPU workers even when GPUs are present")
     parser.add_argument("--port", type=int, default=None, help=f"API port (default TINKERBELL_PORT={settings.port})")
     parser.add_argument(
-        "--redis-port", type=int, default=None, help="start (or reuse) Redis on this port and point every part at it (default: TINKERBELL_BROKER_URL)"
+        "--redis-port",
+        type=int,
+        default=None,
+        help="start (or reuse) Redis on this port and point every part at it (default: TINKERBELL_BROKER_URL)",
     )
     parser.add_argument("--no-flower", action="store_true", help="do not start the Flower dashboard")
-    parser.add_argument("--flower-port", type=int, default=None, help=f"Flower port (default TINKERBELL_FLOWER_PORT={settings.flower_port})")
-    parser.add_argument("--log-file", type=Path, default=DEFAULT_LOG_PATH, help="copy of the combined output (default logs/stack.log)")
-    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the API and the workers")
-    parser.add_argument("--stop-timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    parser.add_argument(
+        "--flower-port",
+        type=int,
+        default=None,
+        help=f"Flower port (default TINKERBELL_FLOWER_PORT={settings.flower_port})",
+    )
+    parser.add_argument(
+        "--log-file", type=Path, default=DEFAULT_LOG_PATH, help="copy of the combined output (default logs/stack.log)"
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=300.0, help="seconds to wait for the API and the workers"
+    )
+    parser.add_argument(
+        "--stop-timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL when stopping"
+    )
     return parser.parse_args(argv)
 
 

@@ -67,7 +67,8 @@ def _is_custom(name: str) -> bool:
 
 
 def registry_key(spec: dict[str, Any]) -> str:
-    """Unique per owner, name and code, e.g. 'my_dpo/v2/local/3fa2c1d9e0ab4b7c' (the user's name comes first in messages)."""
+    """Unique per owner, name and code, e.g. 'my_dpo/v2/local/3fa2c1d9e0ab4b7c' (the user's name comes first in
+    messages)."""
     return f"{spec['name']}/v{spec['version']}/{spec['owner']}/{spec['hash'][:16]}"
 
 
@@ -84,14 +85,18 @@ def load_custom_loss(spec: dict[str, Any], settings: Settings, redis: Any) -> st
     label = f"{name} (v{spec['version']})"
     raw = redis.get(CODE_KEY.format(digest))
     if raw is None:
-        raise UserError(f"loss_fn {label}: its code ({digest[:12]}) is not in the registry any more; register the loss again")
+        raise UserError(
+            f"loss_fn {label}: its code ({digest[:12]}) is not in the registry any more; register the loss again"
+        )
     payload = base64.b64decode(raw)
     if hashlib.sha256(payload).hexdigest() != digest:
         raise UserError(f"loss_fn {label}: stored code does not match its hash {digest[:12]}; register the loss again")
     meta = _json(redis.get(META_KEY.format(digest)))
     _remember_source(meta)
     fn = _deserialize(payload, label, meta, settings.custom_loss_timeout_s)
-    register_loss(key, guarded(fn, label, settings.custom_loss_timeout_s), custom=True, doc=fn.__doc__ or "", replace=True)
+    register_loss(
+        key, guarded(fn, label, settings.custom_loss_timeout_s), custom=True, doc=fn.__doc__ or "", replace=True
+    )
     _loaded[key] = digest
     while len(_loaded) > CACHE_SIZE:
         old, _ = _loaded.popitem(last=False)
@@ -121,7 +126,9 @@ def _deserialize(payload: bytes, label: str, meta: dict[str, Any], timeout_s: fl
     except Exception as exc:  # noqa: BLE001 -- user payload: any failure to load it is the user's to fix
         here = f"{sys.version_info.major}.{sys.version_info.minor}"
         client = meta.get("python")
-        hint = f"; it was serialized by Python {client} and this worker runs {here}" if client and client != here else ""
+        hint = (
+            f"; it was serialized by Python {client} and this worker runs {here}" if client and client != here else ""
+        )
         raise UserError(
             f"loss_fn {label}: could not load the uploaded code: {type(exc).__name__}: {exc}{hint}"
             " (modules it imports must be installed on the workers; functions and closures travel by value)"
@@ -134,7 +141,9 @@ def _deserialize(payload: bytes, label: str, meta: dict[str, Any], timeout_s: fl
 def _remember_source(meta: dict[str, Any]) -> None:
     """Put the uploaded source where `traceback` looks, so a traceback from the worker shows the user's lines."""
     source, filename, first = meta.get("source"), meta.get("filename"), meta.get("first_line")
-    if not (isinstance(source, str) and isinstance(filename, str) and isinstance(first, int)) or os.path.exists(filename):
+    if not (isinstance(source, str) and isinstance(filename, str) and isinstance(first, int)) or os.path.exists(
+        filename
+    ):
         return
     lines = ["\n"] * max(first - 1, 0) + source.splitlines(keepends=True)
     linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
@@ -202,7 +211,9 @@ class _Watchdog(threading.Thread):
                     wait = 0.01  # inside our own bookkeeping: try again in a moment
                     continue
                 self.state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.target_id), ctypes.py_object(LossTimeout))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self.target_id), ctypes.py_object(LossTimeout)
+                )
             wait = 0.05
 
     def disarm(self) -> None:
@@ -232,7 +243,9 @@ def guarded(fn: Callable[..., Any], label: str, timeout_s: float) -> Callable[..
     """
 
     @functools.wraps(fn)
-    def run(model_outputs: dict[str, Tensor], loss_fn_inputs: dict[str, Tensor], attention_mask: Tensor, **config: Any) -> Any:
+    def run(
+        model_outputs: dict[str, Tensor], loss_fn_inputs: dict[str, Tensor], attention_mask: Tensor, **config: Any
+    ) -> Any:
         logprobs = model_outputs["logprobs"]  # (B, T) or (B, T, K)
         leaf = logprobs.detach().requires_grad_(logprobs.requires_grad)
         user_outputs = {**model_outputs, "logprobs": leaf}
@@ -240,7 +253,13 @@ def guarded(fn: Callable[..., Any], label: str, timeout_s: float) -> Callable[..
             try:
                 out = _unpack(fn(user_outputs, loss_fn_inputs, attention_mask, **config), label)
                 loss = out.loss
-                if not (leaf.requires_grad and isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point() and loss.requires_grad):
+                if not (
+                    leaf.requires_grad
+                    and isinstance(loss, Tensor)
+                    and loss.dim() == 0
+                    and loss.is_floating_point()
+                    and loss.requires_grad
+                ):
                     return out  # forward only, or a result the contract check will name
                 if not torch.isfinite(loss).item():
                     return out  # the contract says "loss is not finite"
@@ -252,7 +271,10 @@ def guarded(fn: Callable[..., Any], label: str, timeout_s: float) -> Callable[..
         if grad is None:
             grad = torch.zeros_like(leaf)
         if not torch.isfinite(grad).all().item():
-            raise UserError(f"loss_fn {label}: the gradient of the loss with respect to model_outputs['logprobs'] contains nan or inf")
+            raise UserError(
+                f"loss_fn {label}: the gradient of the loss with respect to model_outputs['logprobs'] contains nan "
+                "or inf"
+            )
         surrogate = (logprobs * grad.to(logprobs.dtype)).sum()  # d surrogate / d logprobs == grad
         surrogate = surrogate - surrogate.detach() + loss.detach()  # value: the user's loss, exactly
         return LossFnOutput(loss=surrogate, logprobs=out.logprobs, diagnostics=out.diagnostics)

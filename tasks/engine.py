@@ -123,7 +123,13 @@ class Engine:
     def status(self) -> dict[str, Any]:
         """What the heartbeat and the status page show: requests held, by adapter, and the pass counters."""
         held = sum(len(lane.pending) + len(lane.unordered) for lane in list(self._lanes.values()))
-        return {"held": held, "samples_held": len(self._samples), "stats": dict(self.stats), "last_pass": dict(self.last_pass), "busy": self.busy}
+        return {
+            "held": held,
+            "samples_held": len(self._samples),
+            "stats": dict(self.stats),
+            "last_pass": dict(self.last_pass),
+            "busy": self.busy,
+        }
 
     # ---- the engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -148,7 +154,9 @@ class Engine:
                         self._cond.wait(0.2)
 
     def _has_work(self) -> bool:
-        return bool(self._samples or self._calls or any(lane.pending or lane.unordered for lane in self._lanes.values()))
+        return bool(
+            self._samples or self._calls or any(lane.pending or lane.unordered for lane in self._lanes.values())
+        )
 
     def _file(self, work: Work) -> None:
         if work.kind == SAMPLE:
@@ -181,7 +189,12 @@ class Engine:
             lane.waiting_since = lane.waiting_since or now
             if now - lane.waiting_since < self.gap_timeout_s:
                 return None
-            log.warning("%s: seq_id %d waited %.0f s for earlier requests that never came; running it", model_id, seq, now - lane.waiting_since)
+            log.warning(
+                "%s: seq_id %d waited %.0f s for earlier requests that never came; running it",
+                model_id,
+                seq,
+                now - lane.waiting_since,
+            )
         lane.waiting_since = None
         return lane.pending[seq]
 
@@ -281,7 +294,11 @@ class Engine:
             self.stats["passes"] += 1
             self.stats["multi_adapter_passes"] += adapters > 1
             self.stats["max_adapters_per_pass"] = max(self.stats["max_adapters_per_pass"], adapters)
-            self.last_pass = {"adapters": adapters, "requests": len(group), **(getattr(backend, "last_pass", None) or {})}
+            self.last_pass = {
+                "adapters": adapters,
+                "requests": len(group),
+                **(getattr(backend, "last_pass", None) or {}),
+            }
             if adapters > 1:
                 log.debug("one pass over %d adapters: %s", adapters, self.last_pass)
 
@@ -289,7 +306,9 @@ class Engine:
         works = self._admit(works)
         if works:
             self.stats["optim_batches"] += 1
-            self._group_call(works, lambda specs: self._training().optim_steps([(w.model_id, spec) for w, spec in zip(works, specs)]))
+            self._group_call(
+                works, lambda specs: self._training().optim_steps([(w.model_id, spec) for w, spec in zip(works, specs)])
+            )
 
     def _call(self, work: Work) -> None:
         if self._admit([work]):

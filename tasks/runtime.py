@@ -42,7 +42,9 @@ class Runtime:
             gap_timeout_s=self.settings.seq_gap_timeout_s,
         )
         self.applied_seq: dict[str, int] = {}  # model_id -> last seq_id applied here (mirrors the registry)
-        self.gradients_since: dict[str, int] = {}  # model_id -> seq_id of the first forward_backward since optim_step (mirrors the registry)
+        self.gradients_since: dict[
+            str, int
+        ] = {}  # model_id -> seq_id of the first forward_backward since optim_step (mirrors the registry)
         self.lost_gradients: dict[str, int] = {}  # model_id -> the same, for gradients a previous run held when it died
         self._model_updates: dict[str, dict[str, Any]] = {}
         self._stats: dict[str, float] = {}

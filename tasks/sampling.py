@@ -27,18 +27,33 @@ def sample(
     topk_prompt_logprobs: int = 0,
 ) -> dict[str, Any]:
     tokens = [int(t) for t in decode_array(prompt)]
-    request = SampleRequest(base_model, adapter_dir, tokens, SamplingSpec(**sampling_params), num_samples, prompt_logprobs, topk_prompt_logprobs)
+    request = SampleRequest(
+        base_model,
+        adapter_dir,
+        tokens,
+        SamplingSpec(**sampling_params),
+        num_samples,
+        prompt_logprobs,
+        topk_prompt_logprobs,
+    )
     result: SampleResult = runtime.engine.run(Work(SAMPLE, request, tokens=len(tokens)))
     runtime.after_result(stats={"tokens_sampled": sum(len(s.tokens) for s in result.sequences)})
     out: dict[str, Any] = {
         "sequences": [
-            {"tokens": encode_array(s.tokens, "int64"), "logprobs": encode_array(s.logprobs, "float32"), "stop_reason": s.stop_reason} for s in result.sequences
+            {
+                "tokens": encode_array(s.tokens, "int64"),
+                "logprobs": encode_array(s.logprobs, "float32"),
+                "stop_reason": s.stop_reason,
+            }
+            for s in result.sequences
         ],
         "prompt_logprobs": None,
         "topk_prompt_logprobs": None,
     }
     if result.prompt_logprobs is not None:
-        out["prompt_logprobs"] = encode_array([float("nan") if v is None else v for v in result.prompt_logprobs], "float32")
+        out["prompt_logprobs"] = encode_array(
+            [float("nan") if v is None else v for v in result.prompt_logprobs], "float32"
+        )
     if result.topk_prompt_logprobs is not None:
         out["topk_prompt_logprobs"] = encode_topk(result.topk_prompt_logprobs)  # two [N, k] arrays (rule 4)
     return out

@@ -59,7 +59,9 @@ def _ordered(
 
     def check() -> None:  # on the engine thread, just before the request runs
         if seq_id is not None and seq_id <= runtime._registry_applied_seq(model_id):
-            raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped")
+            raise RuntimeError(
+                f"seq_id {seq_id} of {model_id} was already applied; its result was lost when a worker stopped"
+            )
         _require_adapter(model_id)
         if before is not None:
             before()
@@ -140,7 +142,9 @@ def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
         if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
             runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(record["gradients_since"])
             log.warning(
-                "%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails", model_id, record["gradients_since"]
+                "%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails",
+                model_id,
+                record["gradients_since"],
             )
         saved = autosave_dir(model_id)
         if saved.exists():
@@ -154,7 +158,9 @@ def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
 
 
 @app.task(name="tinkerbell.create_adapter", throws=(UserError,))
-def create_adapter(model_id: str, base_model: str, lora: dict[str, Any], load_path: str | None = None, with_optimizer: bool = False) -> dict[str, Any]:
+def create_adapter(
+    model_id: str, base_model: str, lora: dict[str, Any], load_path: str | None = None, with_optimizer: bool = False
+) -> dict[str, Any]:
     """Create (or, with load_path, restore from a checkpoint dir) an adapter here and start consuming its queue."""
 
     def create() -> None:
@@ -226,7 +232,9 @@ def forward_backward(
             runtime.gradients_since[model_id] = seq_id or 0
         return {
             "loss_fn_output_type": "ArrayRecord",
-            "loss_fn_outputs": [{k: encode_array(v, "float32") for k, v in out.items()} for out in result.loss_fn_outputs],
+            "loss_fn_outputs": [
+                {k: encode_array(v, "float32") for k, v in out.items()} for out in result.loss_fn_outputs
+            ],
             "metrics": result.metrics,
         }
 
@@ -252,20 +260,29 @@ def optim_step(model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -
         autosaver.start(model_id)  # overlaps the next request; finished before that request's result is published
         return {"metrics": metrics}
 
-    return _ordered(model_id, seq_id, OPTIM, AdamSpec(**adam_params), before=before, after=after, leaves_autosave_running=True)
+    return _ordered(
+        model_id, seq_id, OPTIM, AdamSpec(**adam_params), before=before, after=after, leaves_autosave_running=True
+    )
 
 
 def _gradients_applied(model_id: str) -> None:
-    """No gradients pending any more (applied, or discarded): clear the registry's mark, which gradients_since mirrors."""
+    """No gradients pending any more (applied, or discarded): clear the registry's mark, which gradients_since
+    mirrors."""
     if runtime.gradients_since.pop(model_id, None) is not None:
         runtime.after_result(model_id, gradients_since=None)
 
 
 @app.task(name="tinkerbell.save_state", throws=(UserError,))
 def save_state(
-    model_id: str, seq_id: int | None, name: str, kind: str = "weights", ttl_seconds: int | None = None, sampler_id: str | None = None
+    model_id: str,
+    seq_id: int | None,
+    name: str,
+    kind: str = "weights",
+    ttl_seconds: int | None = None,
+    sampler_id: str | None = None,
 ) -> dict[str, Any]:
-    """Save weights (kind=weights: with optimizer; sampler_weights/external_weights: weights only) and record the checkpoint."""
+    """Save weights (kind=weights: with optimizer; sampler_weights/external_weights: weights only) and record the
+    checkpoint."""
     target = checkpoint_dir(model_id, kind, name)
 
     def save() -> int:  # engine thread: only the write of the adapter's tensors needs the device owner
@@ -285,7 +302,11 @@ def save_state(
             model_id,
             {
                 "checkpoint_id": f"{kind}/{name}",
-                "checkpoint_type": {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}[kind],
+                "checkpoint_type": {
+                    "weights": "training",
+                    "sampler_weights": "sampler",
+                    "external_weights": "external",
+                }[kind],
                 "time": now,
                 "tinker_path": path,
                 "dir": str(target),
@@ -301,7 +322,9 @@ def save_state(
         update = {"last_checkpoint" if kind == "weights" else "last_sampler_checkpoint": path}
         runtime.registry.update_model(model_id, **update)
         if sampler_id is not None:
-            runtime.registry.create_sampler(sampler_id, model.get("owner"), model.get("session_id"), model.get("base_model"), path, str(target))
+            runtime.registry.create_sampler(
+                sampler_id, model.get("owner"), model.get("session_id"), model.get("base_model"), path, str(target)
+            )
             _prune_ephemeral(model_id)
         return {"path": path, "size_bytes": size, "sampling_session_id": sampler_id}
 

@@ -75,7 +75,11 @@ def _on_ready(sender: Any, **_: Any) -> None:
     vllm_sampler = "sample" in settings.roles and settings.sampling_backend_name == "vllm"
     for base_model in settings.worker_base_models:
         # A vLLM sampler starts its engines now, not on the first request; it needs no HF copy unless it trains.
-        preloads = [] if vllm_sampler and "train" not in settings.roles else [getattr(runtime.training, "load_base_model", None)]
+        preloads = (
+            []
+            if vllm_sampler and "train" not in settings.roles
+            else [getattr(runtime.training, "load_base_model", None)]
+        )
         if vllm_sampler:
             preloads.append(lambda name: runtime.sampling.load_base_model(name))
         try:
@@ -109,7 +113,9 @@ def _restore_requests_in_flight(runtime: Any, owned: list[str]) -> None:
         log.exception("could not restore the requests in flight when this worker last stopped")
         return
     if restored:
-        log.warning("restored %d request(s) in flight when this worker last stopped: %s", len(restored), ", ".join(restored))
+        log.warning(
+            "restored %d request(s) in flight when this worker last stopped: %s", len(restored), ", ".join(restored)
+        )
 
 
 def _on_shutdown(**_: Any) -> None:
@@ -150,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default=env.device, help="cpu or cuda:N")
     parser.add_argument("--name", default=env.worker_name, help="readable worker name (queue worker.<name>)")
-    parser.add_argument("--role", default=env.role, help="train, sample or train,sample (default: both, so one worker runs everything)")
+    parser.add_argument(
+        "--role", default=env.role, help="train, sample or train,sample (default: both, so one worker runs everything)"
+    )
     parser.add_argument(
         "--tensor-parallel",
         type=int,
@@ -171,7 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tune_malloc()
-    logging.basicConfig(level=args.loglevel.upper(), format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=args.loglevel.upper(),
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
 
     from celery import signals
 

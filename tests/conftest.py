@@ -40,7 +40,9 @@ def share_converted_model(name: str, models_dir: Path) -> None:
 
     link = models_dir / name.replace("/", "--")
     if not link.exists():
-        converted = convert_packaged_model(name, Settings.from_env({"TINKERBELL_DATA_DIR": str(models_dir.parent / "converted")}))
+        converted = convert_packaged_model(
+            name, Settings.from_env({"TINKERBELL_DATA_DIR": str(models_dir.parent / "converted")})
+        )
         link.symlink_to(converted, target_is_directory=True)
 
 
@@ -50,7 +52,9 @@ def make_stack(redis_server, models_dir, tmp_path_factory):
     stacks: list[Stack] = []
 
     def make(workers: int = 1, extra_env: dict[str, str] | None = None, base_model: str | None = None) -> Stack:
-        stack = Stack(redis_server, next(_dbs), models_dir, tmp_path_factory.mktemp("data"), extra_env=dict(extra_env or {}))
+        stack = Stack(
+            redis_server, next(_dbs), models_dir, tmp_path_factory.mktemp("data"), extra_env=dict(extra_env or {})
+        )
         if base_model:
             stack.base_model = base_model
             if base_model != TINY_MODEL:

@@ -36,7 +36,21 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tb-redis-")
         self.proc = subprocess.Popen(
-            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir, "--databases", "64"],
+            [
+                find_redis_server(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--databases",
+                "64",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
@@ -112,23 +126,53 @@ class Stack:
         return Registry(Settings.from_env(self.env))
 
     def start_worker(
-        self, name: str, wait: bool = True, python: str | None = None, args: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 120
+        self,
+        name: str,
+        wait: bool = True,
+        python: str | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
     ) -> subprocess.Popen:
         """A worker process: `python` (default this interpreter; e.g. the vLLM venv's), extra CLI `args`
         (e.g. ["--role", "sample"]) and `env` on top of the stack's."""
-        command = [python or sys.executable, "-m", "tasks.worker", "--device", "cpu", "--name", name, "--loglevel", "INFO", *(args or [])]
+        command = [
+            python or sys.executable,
+            "-m",
+            "tasks.worker",
+            "--device",
+            "cpu",
+            "--name",
+            name,
+            "--loglevel",
+            "INFO",
+            *(args or []),
+        ]
         with open(self.data_dir / f"worker-{name}.log", "ab") as log:  # the child keeps its own copy of the fd
-            proc = subprocess.Popen(command, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**self.env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[f"worker-{name}"] = proc
         if wait:
             registry = self.registry()
             wait_for(
-                lambda: any(w["name"] == name for w in registry.live_workers()) and registry.redis.exists("tb:losses:builtin") or proc.poll() is not None,
+                lambda: (
+                    any(w["name"] == name for w in registry.live_workers())
+                    and registry.redis.exists("tb:losses:builtin")
+                    or proc.poll() is not None
+                ),
                 timeout,
                 f"worker {name}",
             )
             if proc.poll() is not None:
-                raise RuntimeError(f"worker {name} exited: {(self.data_dir / f'worker-{name}.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"worker {name} exited: {(self.data_dir / f'worker-{name}.log').read_text()[-3000:]}"
+                )
         return proc
 
     def stop_worker(self, name: str, sig: int = signal.SIGTERM) -> None:
@@ -137,11 +181,26 @@ class Stack:
 
     def start_api(self) -> None:
         self.port = free_port()
-        env = {**self.env, "TINKERBELL_PORT": str(self.port), "TINKERBELL_POLL_TIMEOUT_S": self.extra_env.get("TINKERBELL_POLL_TIMEOUT_S", "5")}
+        env = {
+            **self.env,
+            "TINKERBELL_PORT": str(self.port),
+            "TINKERBELL_POLL_TIMEOUT_S": self.extra_env.get("TINKERBELL_POLL_TIMEOUT_S", "5"),
+        }
         with open(self.data_dir / "api.log", "ab") as log:
             # The production server (gunicorn, gthread), as docker compose and the local stack run it.
-            command = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "api" / "gunicorn_conf.py"), "--workers", "1", "api:create_app()"]
-            self.procs["api"] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            command = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(ROOT / "api" / "gunicorn_conf.py"),
+                "--workers",
+                "1",
+                "api:create_app()",
+            ]
+            self.procs["api"] = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         wait_for(lambda: _http_ok(self.url + "/healthz") or self.procs["api"].poll() is not None, 60, "api")
         if self.procs["api"].poll() is not None:
             raise RuntimeError("api exited: " + (self.data_dir / "api.log").read_text()[-3000:])

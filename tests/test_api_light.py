@@ -26,7 +26,9 @@ print(json.dumps({"seconds": time.perf_counter() - started, "heavy": heavy}))
 
 def test_create_app_imports_neither_torch_nor_the_sdk_package():
     """DESIGN rule 1. create_app() connects to nothing, so a Redis that is not there is fine."""
-    run = subprocess.run([sys.executable, "-c", CREATE_APP], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", CREATE_APP], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"create_app() from a fresh interpreter: {report['seconds']:.2f} s")  # measured, not asserted (bench/ times)
@@ -239,7 +241,9 @@ def _proto_request(model_id: str, tensor_fields: dict, shape: list[int], seq_id:
     request = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
     datum = request.data.add()
     datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], dtype="<i4").tobytes()
-    datum.loss_fn_inputs["target_tokens"].CopyFrom(pb.Tensor(dense=np.array([2, 3, 4], dtype="<i8").tobytes(), dtype=pb.DTYPE_INT64, shape=[3]))
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(
+        pb.Tensor(dense=np.array([2, 3, 4], dtype="<i8").tobytes(), dtype=pb.DTYPE_INT64, shape=[3])
+    )
     datum.loss_fn_inputs["dist"].CopyFrom(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape, **tensor_fields))
     return request.SerializeToString()
 

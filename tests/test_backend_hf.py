@@ -1,4 +1,5 @@
-"""HF backends (our multi-LoRA layer) against plain PEFT / torch references on the tiny Llama (fast), plus one SmolLM2 test (marked)."""
+"""HF backends (our multi-LoRA layer) against plain PEFT / torch references on the tiny Llama (fast), plus one
+SmolLM2 test (marked)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def make_data(seed: int, lengths=(5, 9, 3), k: int | None = None) -> list[Datum]
     for n in lengths:
         target = rng.integers(0, VOCAB, (n, k) if k else n)
         weights = rng.random(n).astype(np.float32)
-        data.append(Datum(tokens=rng.integers(0, VOCAB, n), loss_fn_inputs={"target_tokens": target, "weights": weights}))
+        data.append(
+            Datum(tokens=rng.integers(0, VOCAB, n), loss_fn_inputs={"target_tokens": target, "weights": weights})
+        )
     return data
 
 
@@ -62,8 +65,15 @@ def plain_peft(settings: Settings, lora: LoraSpec):
 
     from backends.hf import lora_targets
 
-    base = AutoModelForCausalLM.from_pretrained(str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32).eval()
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=lora_targets(lora.train_attn, lora.train_mlp, lora.train_unembed), lora_dropout=0.0)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+    ).eval()
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=lora_targets(lora.train_attn, lora.train_mlp, lora.train_unembed),
+        lora_dropout=0.0,
+    )
     torch.manual_seed(lora.seed)
     return get_peft_model(base, config).eval()
 
@@ -156,7 +166,10 @@ def test_same_seed_same_init_and_matches_peft(trainer, hf_settings, tmp_path):
     assert_params_close(pa, ref_params(plain_peft(hf_settings, lora)), 0)
     c = new_id()
     trainer.create_adapter(c, TINY_MODEL_NAME, LoraSpec(rank=4, alpha=8.0, seed=8))
-    assert not torch.equal(backend_params(trainer, c, tmp_path)["base_model.model.lm_head.lora_A.weight"], pa["base_model.model.lm_head.lora_A.weight"])
+    assert not torch.equal(
+        backend_params(trainer, c, tmp_path)["base_model.model.lm_head.lora_A.weight"],
+        pa["base_model.model.lm_head.lora_A.weight"],
+    )
     for m in (a, b, c):
         trainer.remove_adapter(m)
 
@@ -182,7 +195,9 @@ def test_logprobs_and_loss_match_peft(trainer, hf_settings, tmp_path):
         with torch.no_grad():
             expected = ref_logprobs(ref, data)
         for out, exp, d in zip(result.loss_fn_outputs, expected, data):
-            assert out["logprobs"].dtype == np.float32 and out["logprobs"].shape == d.loss_fn_inputs["target_tokens"].shape
+            assert (
+                out["logprobs"].dtype == np.float32 and out["logprobs"].shape == d.loss_fn_inputs["target_tokens"].shape
+            )
             np.testing.assert_allclose(out["logprobs"], exp.numpy(), atol=1e-5, rtol=0)
         assert result.metrics["loss:sum"] == pytest.approx(float(ref_loss(expected, data)), abs=1e-4)
         assert all(key.count(":") == 1 for key in result.metrics)
@@ -272,7 +287,9 @@ def test_bad_inputs_name_the_field(trainer, tmp_path):
         trainer.optim_step("nobody:train:0", ADAM)
     # A batch whose second request is bad: the bad one fails alone, the good one runs (forward only here, so the
     # adapter's gradients stay untouched and the step below changes nothing).
-    ok, failed = trainer.forward_backward([FwdBwdRequest(model_id, good, forward_only=True), FwdBwdRequest(model_id, [])])
+    ok, failed = trainer.forward_backward(
+        [FwdBwdRequest(model_id, good, forward_only=True), FwdBwdRequest(model_id, [])]
+    )
     assert isinstance(failed, UserError) and not isinstance(ok, Exception) and len(ok.loss_fn_outputs) == 2
     trainer.optim_step(model_id, ADAM)
     assert_params_close(backend_params(trainer, model_id, tmp_path), before, atol=0)
@@ -281,7 +298,9 @@ def test_bad_inputs_name_the_field(trainer, tmp_path):
     with pytest.raises(UserError, match="base_model"):
         trainer.create_adapter(new_id(), "nobody/nothing", LoraSpec())
     with pytest.raises(UserError, match="lora_config"):
-        trainer.create_adapter(new_id(), TINY_MODEL_NAME, LoraSpec(train_attn=False, train_mlp=False, train_unembed=False))
+        trainer.create_adapter(
+            new_id(), TINY_MODEL_NAME, LoraSpec(train_attn=False, train_mlp=False, train_unembed=False)
+        )
     with pytest.raises(UserError, match="lora_config.rank"):
         trainer.create_adapter(new_id(), TINY_MODEL_NAME, LoraSpec(rank=0))
     trainer.remove_adapter(model_id)
@@ -297,7 +316,9 @@ def test_save_load_round_trip(trainer, hf_settings, tmp_path):
     trainer.forward_backward([FwdBwdRequest(src, make_data(50))])
     trainer.optim_step(src, ADAM)
     size = trainer.save_state(src, str(tmp_path / "ck"), True)
-    assert size > 0 and {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= {p.name for p in (tmp_path / "ck").iterdir()}
+    assert size > 0 and {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= {
+        p.name for p in (tmp_path / "ck").iterdir()
+    }
     trainer.create_adapter(dst, TINY_MODEL_NAME, lora)
     trainer.load_state(dst, str(tmp_path / "ck"), with_optimizer=True)
     for model_id in (src, dst):  # same weights + same Adam moments -> same next step
@@ -307,7 +328,9 @@ def test_save_load_round_trip(trainer, hf_settings, tmp_path):
     # The saved adapter is plain PEFT format.
     data = make_data(52)
     trainer.save_state(src, str(tmp_path / "ck2"), False)
-    base = AutoModelForCausalLM.from_pretrained(str(Path(hf_settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(Path(hf_settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+    )
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ck2")).eval()
     [result] = trainer.forward_backward([FwdBwdRequest(src, data, forward_only=True)])
     with torch.no_grad():
@@ -321,7 +344,11 @@ def test_save_load_round_trip(trainer, hf_settings, tmp_path):
     with pytest.raises(UserError, match="does not match"):
         trainer.load_state(other, str(tmp_path / "ck"), with_optimizer=False)
     status = trainer.status()
-    assert {src, dst, other} <= set(status["adapters"]) and TINY_MODEL_NAME in status["base_models"] and status["memory_bytes"] > 0
+    assert (
+        {src, dst, other} <= set(status["adapters"])
+        and TINY_MODEL_NAME in status["base_models"]
+        and status["memory_bytes"] > 0
+    )
     for model_id in (src, dst, other):
         trainer.remove_adapter(model_id)
     assert not {src, dst, other} & set(trainer.status()["adapters"])
@@ -335,7 +362,9 @@ def forward_logprobs(hf_settings, tokens: list[int], adapter_dir: str | None = N
     """logprob of tokens[j] given tokens[:j], j >= 1, by one plain forward pass."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(Path(hf_settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(Path(hf_settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+    ).eval()
     if adapter_dir:
         from peft import PeftModel
 
@@ -366,9 +395,13 @@ def test_seed_and_num_samples(sampler):
     b = sampler.sample(TINY_MODEL_NAME, None, PROMPT, spec, num_samples=4)
     assert len(a.sequences) == 4 and all(len(s.tokens) == 6 == len(s.logprobs) for s in a.sequences)
     assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
-    c = sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=6, temperature=1.0, seed=124, stop=[]), num_samples=4)
+    c = sampler.sample(
+        TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=6, temperature=1.0, seed=124, stop=[]), num_samples=4
+    )
     assert [s.tokens for s in a.sequences] != [s.tokens for s in c.sequences]
-    topk = sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=6, temperature=1.0, top_k=1, seed=5, stop=[]))
+    topk = sampler.sample(
+        TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=6, temperature=1.0, top_k=1, seed=5, stop=[])
+    )
     greedy = sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=6, temperature=0.0, stop=[]))
     assert topk.sequences[0].tokens == greedy.sequences[0].tokens  # top_k=1 is greedy
     with pytest.raises(UserError, match="num_samples"):
@@ -380,17 +413,29 @@ def test_seed_and_num_samples(sampler):
 
 
 def test_stop_tokens_and_strings(sampler):
-    greedy = sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=10, temperature=0.0, stop=[])).sequences[0].tokens
+    greedy = (
+        sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=10, temperature=0.0, stop=[]))
+        .sequences[0]
+        .tokens
+    )
     stop_id = greedy[3]
     cut = greedy.index(stop_id) + 1
-    seq = sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=10, temperature=0.0, stop=[stop_id])).sequences[0]
+    seq = sampler.sample(
+        TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=10, temperature=0.0, stop=[stop_id])
+    ).sequences[0]
     assert seq.tokens == greedy[:cut] and seq.tokens[-1] == stop_id and seq.stop_reason == "stop"
     from backends.hf import get_base
 
     tokenizer = get_base(TINY_MODEL_NAME, sampler.settings, sampler.device).tokenizer
     text = tokenizer.decode(greedy[2:4])
-    seq = sampler.sample(TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=10, temperature=0.0, stop=[text])).sequences[0]
-    assert seq.stop_reason == "stop" and text in tokenizer.decode(seq.tokens) and text not in tokenizer.decode(seq.tokens[:-1])
+    seq = sampler.sample(
+        TINY_MODEL_NAME, None, PROMPT, SamplingSpec(max_tokens=10, temperature=0.0, stop=[text])
+    ).sequences[0]
+    assert (
+        seq.stop_reason == "stop"
+        and text in tokenizer.decode(seq.tokens)
+        and text not in tokenizer.decode(seq.tokens[:-1])
+    )
     assert seq.tokens == greedy[: len(seq.tokens)] and len(seq.tokens) <= 4
 
 
@@ -398,7 +443,10 @@ def test_sampling_with_saved_adapter(trainer, sampler, hf_settings, tmp_path):
     model_id = new_id()
     trainer.create_adapter(model_id, TINY_MODEL_NAME, LoraSpec(rank=4, alpha=8.0, seed=2))
     target = PROMPT[1:] + [77]
-    datum = Datum(tokens=np.array(PROMPT), loss_fn_inputs={"target_tokens": np.array(target), "weights": np.ones(len(PROMPT), np.float32)})
+    datum = Datum(
+        tokens=np.array(PROMPT),
+        loss_fn_inputs={"target_tokens": np.array(target), "weights": np.ones(len(PROMPT), np.float32)},
+    )
     for _ in range(3):
         trainer.forward_backward([FwdBwdRequest(model_id, [datum])])
         trainer.optim_step(model_id, AdamSpec(learning_rate=5e-2))
@@ -466,8 +514,12 @@ def test_smollm2_conversion_says_paris(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(snapshot))
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     prompt = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
-    result = HFSamplingBackend(settings).sample(DEFAULT_BASE_MODEL, None, prompt, SamplingSpec(max_tokens=16, temperature=0.0))
+    result = HFSamplingBackend(settings).sample(
+        DEFAULT_BASE_MODEL, None, prompt, SamplingSpec(max_tokens=16, temperature=0.0)
+    )
     seq = result.sequences[0]
     assert "Paris" in tokenizer.decode(seq.tokens) and seq.stop_reason == "stop"

@@ -39,7 +39,14 @@ def compose(project_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run compose on project_dir/docker-compose.yml with no TINKERBELL_*/COMPOSE_* variables from this shell."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINKERBELL_", "COMPOSE_", "DOCKER_"))}
     return subprocess.run(
-        [str(compose_binary()), "--project-directory", str(project_dir), "-f", str(project_dir / "docker-compose.yml"), *args],
+        [
+            str(compose_binary()),
+            "--project-directory",
+            str(project_dir),
+            "-f",
+            str(project_dir / "docker-compose.yml"),
+            *args,
+        ],
         check=False,
         capture_output=True,
         text=True,
@@ -73,7 +80,9 @@ def config(project: Path) -> dict[str, Any]:
 def test_compose_binary_is_the_go_program_and_reports_failure() -> None:
     binary = compose_binary()
     assert binary.read_bytes()[:4] == b"\x7fELF", f"{binary} is not the compiled compose binary"
-    assert subprocess.run([str(binary), "no-such-command"], check=False, capture_output=True, timeout=60).returncode != 0
+    assert (
+        subprocess.run([str(binary), "no-such-command"], check=False, capture_output=True, timeout=60).returncode != 0
+    )
 
 
 @pytest.mark.parametrize("profiles", [(), ("vllm",)])
@@ -92,7 +101,10 @@ def test_compose_file_in_place_is_valid() -> None:
     "old, new",
     [
         ("    image: redis:7-alpine\n", "    image: redis:7-alpine\n    no_such_key: 1\n"),  # unknown service key
-        ("  flower:\n    <<: *tinkerbell-image\n", "  flower:\n    <<: *tinkerbell-image\n    depends_on: [nowhere]\n"),  # unknown service
+        (
+            "  flower:\n    <<: *tinkerbell-image\n",
+            "  flower:\n    <<: *tinkerbell-image\n    depends_on: [nowhere]\n",
+        ),  # unknown service
         ('      device_ids: ["0"]', '      device_ids: ["0"'),  # broken YAML
         ("  worker-gpu0:\n", "  worker-gpu0:\n    restart: [always]\n"),  # wrong type
     ],
@@ -118,7 +130,9 @@ def test_every_service_has_healthcheck_and_restart_policy(config: dict[str, Any]
     for name, service in config["services"].items():
         assert service.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
         assert not service["healthcheck"].get("disable"), f"{name}: healthcheck disabled"
-        assert service.get("restart") in {"always", "unless-stopped", "on-failure"}, f"{name}: restart={service.get('restart')}"
+        assert service.get("restart") in {"always", "unless-stopped", "on-failure"}, (
+            f"{name}: restart={service.get('restart')}"
+        )
 
 
 def test_redis_is_persistent_and_gates_the_others(config: dict[str, Any]) -> None:
@@ -161,7 +175,9 @@ def test_each_gpu_worker_is_pinned_to_its_own_gpu(config: dict[str, Any], servic
 def test_worker_names_and_gpus_are_distinct(config: dict[str, Any]) -> None:
     names = [config["services"][s]["environment"]["TINKERBELL_WORKER_NAME"] for s in (*WORKERS, "sampler-vllm")]
     assert len(set(names)) == len(names)
-    gpus = [config["services"][s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for s in WORKERS]
+    gpus = [
+        config["services"][s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for s in WORKERS
+    ]
     assert len(set(gpus)) == len(gpus)
 
 
@@ -187,7 +203,9 @@ def test_data_volume_is_shared_by_api_and_workers(config: dict[str, Any]) -> Non
     assert "tinkerbell-data" in config["volumes"]
     for name in ("api", *WORKERS, "sampler-vllm"):
         service = config["services"][name]
-        assert {"type": "volume", "source": "tinkerbell-data", "target": "/data"}.items() <= service["volumes"][0].items(), name
+        assert {"type": "volume", "source": "tinkerbell-data", "target": "/data"}.items() <= service["volumes"][
+            0
+        ].items(), name
         assert service["environment"]["TINKERBELL_DATA_DIR"] == "/data", name
         assert service["environment"]["TINKERBELL_BROKER_URL"] == "redis://redis:6379/0", name
 
@@ -236,7 +254,9 @@ def test_dockerfile_builds_an_offline_non_root_image() -> None:
     users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}
     stages = re.findall(r"^FROM \S+ AS (\S+)", text, re.MULTILINE)
-    assert {"vllm", "runtime"} <= set(stages) and stages[-1] == "runtime", "plain `docker build` must give the runtime image"
+    assert {"vllm", "runtime"} <= set(stages) and stages[-1] == "runtime", (
+        "plain `docker build` must give the runtime image"
+    )
 
 
 def test_dockerignore_keeps_secrets_and_venv_out_of_the_image() -> None:
@@ -285,7 +305,9 @@ def test_access_log_line_names_request_status_size_and_time_but_no_header(tmp_pa
     assert (tmp_path / "access.log").read_text() == 'api.access 10.0.0.7 "POST /fwdbwd?x=1 HTTP/1.1" 200 123 1234ms\n'
 
 
-def test_gunicorn_starts_its_workers_on_an_empty_metrics_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_gunicorn_starts_its_workers_on_an_empty_metrics_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """A previous run's prometheus_client files would add its counts to this run's; a directory the conf made
     itself goes when gunicorn exits."""
     (tmp_path / "counter_4242.db").write_bytes(b"stale")

@@ -148,4 +148,6 @@ def test_math_rl_trainer_runs_three_iterations_with_a_save_and_a_sampler_from_it
     registry = stack.registry()
     session_id = saved_sampler[len("tinker://") :].split(":train:")[0]
     samplers = [registry.sampler(s, "local") for s in registry.session_children(session_id, "samplers")]
-    assert saved_sampler in [s.get("model_path") for s in samplers], "no sampling session was created from the saved path"
+    assert saved_sampler in [s.get("model_path") for s in samplers], (
+        "no sampling session was created from the saved path"
+    )

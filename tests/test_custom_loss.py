@@ -45,7 +45,9 @@ def dpo_loss(model_outputs, loss_fn_inputs, attention_mask, beta=0.1):
     ratio = (policy - reference).view(-1, 2)  # (P, 2): chosen, rejected
     logits = beta * (ratio[:, 0] - ratio[:, 1])  # (P,)
     loss = -F.logsigmoid(logits).sum()
-    return LossFnOutput(loss=loss, diagnostics={"accuracy:mean": (logits > 0).float().mean(), "margin:mean": logits.mean() / beta})
+    return LossFnOutput(
+        loss=loss, diagnostics={"accuracy:mean": (logits > 0).float().mean(), "margin:mean": logits.mean() / beta}
+    )
 
 
 def _weighted_nll(logprobs, weights):
@@ -63,7 +65,9 @@ def scaled_nll(scale: float):
 
 def versioned(version: float):
     def loss(model_outputs, loss_fn_inputs, attention_mask):
-        return LossFnOutput(loss=-(model_outputs["logprobs"] * attention_mask).sum(), diagnostics={"version:mean": version})
+        return LossFnOutput(
+            loss=-(model_outputs["logprobs"] * attention_mask).sum(), diagnostics={"version:mean": version}
+        )
 
     return loss
 
@@ -157,14 +161,19 @@ def test_dpo_through_the_decorator_equals_dpo_in_process(custom_stack, alice, mo
         weight_decay=DPO_ADAM["weight_decay"],
     )
     logprobs, mask = pad_batch([plain_logprobs(model, d) for d in batch])  # (B, T), (B, T)
-    inputs = {k: pad_batch([torch.tensor(d["loss_fn_inputs"][k]) for d in batch])[0] for k in ("target_tokens", "weights", "ref_logprobs")}
+    inputs = {
+        k: pad_batch([torch.tensor(d["loss_fn_inputs"][k]) for d in batch])[0]
+        for k in ("target_tokens", "weights", "ref_logprobs")
+    }
     expected = dpo_loss({"logprobs": logprobs, "target_tokens": inputs["target_tokens"]}, inputs, mask, beta=0.5)
     expected.loss.backward()
     optimizer.step()
 
     assert out["metrics"]["loss:sum"] == pytest.approx(expected.loss.item(), rel=1e-5, abs=1e-6)
     assert out["metrics"]["accuracy:mean"] == pytest.approx(float(expected.diagnostics["accuracy:mean"]))
-    assert out["metrics"]["margin:mean"] == pytest.approx(expected.diagnostics["margin:mean"].item(), rel=1e-4, abs=1e-6)
+    assert out["metrics"]["margin:mean"] == pytest.approx(
+        expected.diagnostics["margin:mean"].item(), rel=1e-4, abs=1e-6
+    )
     saved = load_file(f"{checkpoint_dir(custom_stack, end)}/adapter_model.safetensors")
     for name, param in named.items():
         np.testing.assert_allclose(saved[name.replace(".default", "")].numpy(), param.detach().numpy(), atol=1e-5)
@@ -242,7 +251,9 @@ def test_another_key_can_neither_list_nor_use_my_loss(custom_stack, keys, alice)
 @pytest.fixture(scope="module")
 def victim_and_twin(alice) -> tuple[str, str]:
     """Two adapters with the same seed and history; only the victim gets the failing requests."""
-    return alice.add_lora(rank=4, seed=7).result(120)["model_id"], alice.add_lora(rank=4, seed=7).result(120)["model_id"]
+    return alice.add_lora(rank=4, seed=7).result(120)["model_id"], alice.add_lora(rank=4, seed=7).result(120)[
+        "model_id"
+    ]
 
 
 BAD_LOSSES = [

@@ -86,7 +86,9 @@ def test_eight_sdk_clients_share_passes_and_each_adapter_equals_training_it_alon
     start = threading.Barrier(len(RANKS))
     with ThreadPoolExecutor(len(RANKS)) as pool:
         together = list(pool.map(lambda i: train(service, i, start), range(len(RANKS))))
-    wait_for(lambda: engine_stats(engine_stack).get("multi_adapter_passes", 0) > 0, 10, "a heartbeat with a shared pass")
+    wait_for(
+        lambda: engine_stats(engine_stack).get("multi_adapter_passes", 0) > 0, 10, "a heartbeat with a shared pass"
+    )
     stats = engine_stats(engine_stack)
     assert stats["max_adapters_per_pass"] > 1, stats
 
@@ -104,7 +106,10 @@ def native_datum(seed: int, length: int = 16) -> dict:
 
 def wire_datum(datum: dict) -> dict:
     inputs = datum["loss_fn_inputs"]
-    return {"tokens": encode_array(datum["model_input"], "int64"), "loss_fn_inputs": {k: encode_array(v) for k, v in inputs.items()}}
+    return {
+        "tokens": encode_array(datum["model_input"], "int64"),
+        "loss_fn_inputs": {k: encode_array(v) for k, v in inputs.items()},
+    }
 
 
 def inspector(stack):
@@ -154,14 +159,32 @@ def test_out_of_order_delivery_runs_in_seq_order_and_a_resent_request_applies_on
     step = {
         "model_id": model_id,
         "seq_id": 2,
-        "adam_params": {"learning_rate": 5e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0, "grad_clip_norm": 0.0},
+        "adam_params": {
+            "learning_rate": 5e-2,
+            "beta1": 0.9,
+            "beta2": 0.95,
+            "eps": 1e-12,
+            "weight_decay": 0.0,
+            "grad_clip_norm": 0.0,
+        },
     }
-    fwdbwd = {"model_id": model_id, "seq_id": 1, "data": [wire_datum(d) for d in data], "loss_fn": "cross_entropy", "loss_fn_config": {}, "forward_only": False}
+    fwdbwd = {
+        "model_id": model_id,
+        "seq_id": 1,
+        "data": [wire_datum(d) for d in data],
+        "loss_fn": "cross_entropy",
+        "loss_fn_config": {},
+        "forward_only": False,
+    }
     publish_directly(engine_stack, "tinkerbell.optim_step", step, ids[2], queue)  # seq 2 first
     # While the optim_step waits in the engine for seq 1, the worker's consumer is free: `inspect active` answers
     # at once and lists it (on the solo pool a busy worker could not answer at all).
     active: dict = {}
-    wait_for(lambda: ids[2] in str(active.update(inspector(engine_stack).active() or {}) or active), 20, "the held optim_step in `inspect active`")
+    wait_for(
+        lambda: ids[2] in str(active.update(inspector(engine_stack).active() or {}) or active),
+        20,
+        "the held optim_step in `inspect active`",
+    )
     publish_directly(engine_stack, "tinkerbell.forward_backward", fwdbwd, ids[1], queue)
     tb.retrieve_future(ids[2]).result(60)
     tb.retrieve_future(ids[1]).result(60)
@@ -185,7 +208,9 @@ def test_a_poisoned_request_in_a_mixed_batch_fails_alone(engine_stack):
     clients = [TinkerbellClient(engine_stack.url, api_key=KEY) for _ in range(4)]
     model_ids = [c.add_lora(rank=4, seed=20 + i).result(120)["model_id"] for i, c in enumerate(clients)]
     data = [[native_datum(50 + i), native_datum(60 + i, 30)] for i in range(4)]
-    poisoned = [{"model_input": [1, 2, 10**6], "loss_fn_inputs": {"target_tokens": [2, 3, 4]}}]  # outside the vocabulary
+    poisoned = [
+        {"model_input": [1, 2, 10**6], "loss_fn_inputs": {"target_tokens": [2, 3, 4]}}
+    ]  # outside the vocabulary
 
     def round_trip(i: int) -> list:
         c, m = clients[i], model_ids[i]
@@ -229,7 +254,12 @@ def test_sixty_four_concurrent_samples_share_generation_loops(engine_stack):
     assert len({tuple(solo[j]["sequences"][0]["tokens"]) for j in range(8)}) > 1  # the adapters really differ
     before = engine_stats_now(engine_stack, time.time())
     with ThreadPoolExecutor(64) as pool:
-        together = list(pool.map(lambda j: tb.sample(prompts[j], model_path=paths[j % 8], max_tokens=8, temperature=0.0).result(120), range(64)))
+        together = list(
+            pool.map(
+                lambda j: tb.sample(prompts[j], model_path=paths[j % 8], max_tokens=8, temperature=0.0).result(120),
+                range(64),
+            )
+        )
     after = engine_stats_now(engine_stack, time.time())
     for j in range(64):
         assert together[j]["sequences"][0]["tokens"] == solo[j]["sequences"][0]["tokens"], j

@@ -61,7 +61,9 @@ def test_cross_entropy_is_weighted_negative_logprob_sum():
 
 def test_cross_entropy_without_weights_uses_ones_and_sums_over_datums():
     a, b = leaf(-1.0, -2.0, -0.5), leaf(-0.25)
-    loss, metrics = compute_loss("cross_entropy", [a, b], [{"target_tokens": tokens(1, 2, 3)}, {"target_tokens": tokens(4)}], {})
+    loss, metrics = compute_loss(
+        "cross_entropy", [a, b], [{"target_tokens": tokens(1, 2, 3)}, {"target_tokens": tokens(4)}], {}
+    )
     assert close(loss.item(), 3.75)  # 1 + 2 + 0.5 + 0.25, summed, not averaged
     assert close(metrics["loss:sum"], 3.75)
 
@@ -228,7 +230,9 @@ def test_missing_required_input_names_datum_and_field():
 
 def test_shape_mismatch_names_the_field():
     lp = leaf(-1.0, -2.0, -3.0)
-    with pytest.raises(UserError, match=r"loss_fn_inputs\[0\]\.weights: shape \(2,\) does not match target_tokens \(3,\)"):
+    with pytest.raises(
+        UserError, match=r"loss_fn_inputs\[0\]\.weights: shape \(2,\) does not match target_tokens \(3,\)"
+    ):
         compute_loss("cross_entropy", [lp], [{"target_tokens": tokens(1, 2, 3), "weights": f32(1.0, 1.0)}], {})
     with pytest.raises(UserError, match=r"loss_fn_inputs\[0\]\.advantages: shape \(3, 1\) does not match"):
         datum = {"target_tokens": tokens(1, 2, 3), "logprobs": f32(0, 0, 0), "advantages": torch.zeros(3, 1)}
@@ -268,7 +272,12 @@ def test_empty_batch_is_rejected():
 
 # ---- metrics and the registry -------------------------------------------------------------------
 
-ALL_INPUTS = {"target_tokens": tokens(1, 2, 3), "logprobs": f32(-1.1, -2.2, -0.4), "advantages": f32(1.0, -0.5, 0.0), "weights": f32(1.0, 1.0, 0.0)}
+ALL_INPUTS = {
+    "target_tokens": tokens(1, 2, 3),
+    "logprobs": f32(-1.1, -2.2, -0.4),
+    "advantages": f32(1.0, -0.5, 0.0),
+    "weights": f32(1.0, 1.0, 0.0),
+}
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"])
@@ -333,7 +342,10 @@ def test_pad_batch_pads_with_zeros_and_marks_real_positions():
 
 def test_custom_loss_runs_through_compute_loss_by_name_and_by_loss_id(custom_loss):
     a, b = leaf(-1.0, -2.0, -0.5), leaf(-3.0)
-    inputs = [{"target_tokens": tokens(1, 2, 3), "advantages": f32(1.0, -1.0, 2.0)}, {"target_tokens": tokens(4), "advantages": f32(0.5)}]
+    inputs = [
+        {"target_tokens": tokens(1, 2, 3), "advantages": f32(1.0, -1.0, 2.0)},
+        {"target_tokens": tokens(4), "advantages": f32(0.5)},
+    ]
     loss, metrics = compute_loss(custom_loss, [a, b], inputs, {"scale": 2.0})
     # -2·(-1 + 2 - 1 - 1.5) = 3.0
     assert close(loss.item(), 3.0)
@@ -341,14 +353,18 @@ def test_custom_loss_runs_through_compute_loss_by_name_and_by_loss_id(custom_los
     loss.backward()
     assert a.grad.tolist() == [-2.0, 2.0, -4.0] and b.grad.tolist() == [-1.0]
 
-    loss, _ = compute_loss("custom", [leaf(-1.0)], [{"target_tokens": tokens(1), "advantages": f32(1.0)}], {"loss_id": custom_loss})
+    loss, _ = compute_loss(
+        "custom", [leaf(-1.0)], [{"target_tokens": tokens(1), "advantages": f32(1.0)}], {"loss_id": custom_loss}
+    )
     assert close(loss.item(), 1.0)
 
 
 def test_custom_loss_inputs_are_validated_like_builtins(custom_loss):
     with pytest.raises(UserError, match=r"^loss_fn_inputs\[0\]\.advantages: required by test_weighted_is$"):
         compute_loss(custom_loss, [leaf(-1.0)], [{"target_tokens": tokens(1)}], {})
-    with pytest.raises(UserError, match=r"loss_fn_inputs\[0\]\.advantages: shape \(2,\) does not match target_tokens \(1,\)"):
+    with pytest.raises(
+        UserError, match=r"loss_fn_inputs\[0\]\.advantages: shape \(2,\) does not match target_tokens \(1,\)"
+    ):
         compute_loss(custom_loss, [leaf(-1.0)], [{"target_tokens": tokens(1), "advantages": f32(1.0, 1.0)}], {})
     ok = {"target_tokens": tokens(1), "advantages": f32(1.0)}
     with pytest.raises(UserError, match=r"loss_fn_inputs\[1\]: keys .* differ from loss_fn_inputs\[0\]"):
@@ -362,7 +378,9 @@ def test_custom_loss_inputs_are_validated_like_builtins(custom_loss):
 def _call(fn, *, requires_grad: bool = True, config: dict | None = None):
     lp = f32(-1.0, -2.0).reshape(1, 2).requires_grad_(requires_grad)
     model_outputs = {"logprobs": lp, "target_tokens": torch.tensor([[1, 2]])}
-    return call_custom_loss(fn, model_outputs, {"advantages": f32(1.0, 1.0).reshape(1, 2)}, torch.ones(1, 2), config or {}, name="mine")
+    return call_custom_loss(
+        fn, model_outputs, {"advantages": f32(1.0, 1.0).reshape(1, 2)}, torch.ones(1, 2), config or {}, name="mine"
+    )
 
 
 def test_custom_contract_accepts_tuple_and_dict_results():
@@ -375,20 +393,32 @@ def test_custom_contract_accepts_tuple_and_dict_results():
 @pytest.mark.parametrize(
     ("fn", "message"),
     [
-        (lambda mo, inp, mask: LossFnOutput(-mo["logprobs"], None, {}), r"custom loss 'mine': loss has shape \(1, 2\); expected a scalar"),
-        (lambda mo, inp, mask: LossFnOutput(mo["logprobs"].sum() * math.nan, None, {}), r"custom loss 'mine': loss is not finite \(nan\)"),
+        (
+            lambda mo, inp, mask: LossFnOutput(-mo["logprobs"], None, {}),
+            r"custom loss 'mine': loss has shape \(1, 2\); expected a scalar",
+        ),
+        (
+            lambda mo, inp, mask: LossFnOutput(mo["logprobs"].sum() * math.nan, None, {}),
+            r"custom loss 'mine': loss is not finite \(nan\)",
+        ),
         (lambda mo, inp, mask: {"diagnostics": {}}, r"custom loss 'mine': returned a dict without 'loss'"),
         (lambda mo, inp, mask: {"loss": mo["logprobs"].sum(), "extra": 1}, r"unexpected keys \['extra'\]"),
         (lambda mo, inp, mask: 3.0, r"custom loss 'mine': returned float; expected LossFnOutput"),
         (lambda mo, inp, mask: (mo["logprobs"].sum(),), r"returned a tuple of 1 items"),
         (lambda mo, inp, mask: (1.5, {}), r"custom loss 'mine': loss is float; expected a torch scalar tensor"),
         (lambda mo, inp, mask: (mo["logprobs"].sum().detach(), {}), r"custom loss 'mine': loss does not require grad"),
-        (lambda mo, inp, mask: (mo["logprobs"].sum(), {"a:b:sum": 1.0}), r"metric key 'a:b:sum': must contain exactly one ':'"),
+        (
+            lambda mo, inp, mask: (mo["logprobs"].sum(), {"a:b:sum": 1.0}),
+            r"metric key 'a:b:sum': must contain exactly one ':'",
+        ),
         (lambda mo, inp, mask: (mo["logprobs"].sum(), {"a:median": 1.0}), r"unknown reduction 'median'"),
         (lambda mo, inp, mask: (mo["logprobs"].sum(), {"a": "high"}), r"diagnostics\['a'\] is str; expected a number"),
         (lambda mo, inp, mask: (mo["logprobs"].sum(), {"a": math.inf}), r"diagnostics\['a'\] is not finite"),
         (lambda mo, inp, mask: (mo["logprobs"].sum(), [1.0]), r"diagnostics is list; expected a dict"),
-        (lambda mo, inp, mask: LossFnOutput(mo["logprobs"].sum(), torch.zeros(3), {}), r"logprobs has shape \(3,\); expected \(1, 2\)"),
+        (
+            lambda mo, inp, mask: LossFnOutput(mo["logprobs"].sum(), torch.zeros(3), {}),
+            r"logprobs has shape \(3,\); expected \(1, 2\)",
+        ),
         (lambda mo, inp, mask: 1 / 0, r"custom loss 'mine' raised ZeroDivisionError: division by zero"),
     ],
 )

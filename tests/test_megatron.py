@@ -46,7 +46,9 @@ def settings(tmp_path_factory) -> Settings:
     build_tiny_model(models / TINY_MODEL_NAME)
     build_tiny_qwen3(models / TINY_QWEN3_NAME)
     build_tiny_qwen2(models / TINY_QWEN2_NAME)
-    return Settings(models_dir=str(models), data_dir=str(tmp_path_factory.mktemp("mg-data")), device=DEVICE, dtype="float32")
+    return Settings(
+        models_dir=str(models), data_dir=str(tmp_path_factory.mktemp("mg-data")), device=DEVICE, dtype="float32"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +114,12 @@ def tp2(settings):
     tp_settings = dataclasses.replace(settings, tensor_parallel=2, device=devices)
     with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
         host, port = listener.address
-        code = "import sys, pickle; from tests.test_megatron import _serve; _serve(sys.argv[1], sys.argv[2], pickle.loads(bytes.fromhex(sys.argv[3])))"
+        code = "import sys, pickle; from tests.test_megatron import _serve; _serve(sys.argv[1], sys.argv[2], "
+        "pickle.loads(bytes.fromhex(sys.argv[3])))"
         args = [f"{host}:{port}", authkey.hex(), pickle.dumps(tp_settings).hex()]
-        process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=_REPO, env=dict(os.environ, PYTHONPATH=str(_REPO)))
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *args], cwd=_REPO, env=dict(os.environ, PYTHONPATH=str(_REPO))
+        )
         conn = listener.accept()
     assert conn.recv() == (True, "ready")
     yield _Remote(conn, process)
@@ -128,7 +133,9 @@ def make_data(seed: int, lengths=(5, 9, 3), k: int | None = None) -> list[Datum]
     for n in lengths:
         target = rng.integers(0, VOCAB, (n, k) if k else n)
         weights = rng.random(n).astype(np.float32)
-        data.append(Datum(tokens=rng.integers(0, VOCAB, n), loss_fn_inputs={"target_tokens": target, "weights": weights}))
+        data.append(
+            Datum(tokens=rng.integers(0, VOCAB, n), loss_fn_inputs={"target_tokens": target, "weights": weights})
+        )
     return data
 
 
@@ -192,7 +199,10 @@ def test_logprobs_loss_and_one_step_equal_hf_backend(mg, hf, base_model, tmp_pat
     (want,) = hf.forward_backward([FwdBwdRequest(on_hf, data)])
     assert_same_results(got, want, atol=1e-4)
     step_mg, step_hf = mg.optim_step(on_mg, ADAM), hf.optim_step(on_hf, ADAM)
-    assert set(step_mg) == set(step_hf) and abs(step_mg["grad_norm:mean"] - step_hf["grad_norm:mean"]) < 1e-4 * step_hf["grad_norm:mean"]
+    assert (
+        set(step_mg) == set(step_hf)
+        and abs(step_mg["grad_norm:mean"] - step_hf["grad_norm:mean"]) < 1e-4 * step_hf["grad_norm:mean"]
+    )
     assert_same_weights(saved_weights(mg, on_mg, tmp_path / "mg"), saved_weights(hf, on_hf, tmp_path / "hf"), atol=1e-5)
 
 
@@ -207,8 +217,12 @@ def test_fresh_adapter_is_peft_shaped_and_starts_at_the_base_model(mg, hf, tmp_p
     assert all(not v.any() for k, v in got.items() if "lora_B" in k)  # B = 0: the adapter starts as the base model
     data = make_data(2, lengths=(4, 6))
     forward = [FwdBwdRequest(on_mg, data, forward_only=True)]
-    assert_same_results(mg.forward_backward(forward)[0], hf.forward_backward([FwdBwdRequest(on_hf, data, forward_only=True)])[0], 1e-4)
-    assert (tmp_path / "mg" / "adapter_config.json").read_text() == (tmp_path / "hf" / "adapter_config.json").read_text()
+    assert_same_results(
+        mg.forward_backward(forward)[0], hf.forward_backward([FwdBwdRequest(on_hf, data, forward_only=True)])[0], 1e-4
+    )
+    assert (tmp_path / "mg" / "adapter_config.json").read_text() == (
+        tmp_path / "hf" / "adapter_config.json"
+    ).read_text()
 
 
 # ---- tensor parallel ------------------------------------------------------------------------------------------
@@ -260,7 +274,9 @@ def test_adapter_trained_on_hf_loads_into_megatron_and_trains_on_alike(mg, hf, t
     assert_same_results(got, want, atol=1e-4)
     mg.optim_step(on_mg, ADAM)  # the restored Adam moments take part
     hf.optim_step(trained, ADAM)
-    assert_same_weights(saved_weights(mg, on_mg, tmp_path / "mg"), saved_weights(hf, trained, tmp_path / "hf"), atol=1e-5)
+    assert_same_weights(
+        saved_weights(mg, on_mg, tmp_path / "mg"), saved_weights(hf, trained, tmp_path / "hf"), atol=1e-5
+    )
 
 
 # ---- several adapters in one pass -----------------------------------------------------------------------------
@@ -271,7 +287,9 @@ def test_two_adapters_in_one_pass_equal_each_alone(mg, hf, tmp_path):
     together = [adapter_from(mg, TINY_QWEN3_NAME, LORA, first), adapter_from(mg, TINY_QWEN3_NAME, other, second)]
     alone = [adapter_from(mg, TINY_QWEN3_NAME, LORA, first), adapter_from(mg, TINY_QWEN3_NAME, other, second)]
     data = [make_data(13, lengths=(3, 8)), make_data(14, lengths=(5,))]
-    joint = mg.forward_backward([FwdBwdRequest(together[0], data[0]), FwdBwdRequest(together[1], data[1], loss_fn="cross_entropy")])
+    joint = mg.forward_backward(
+        [FwdBwdRequest(together[0], data[0]), FwdBwdRequest(together[1], data[1], loss_fn="cross_entropy")]
+    )
     for i in range(2):
         assert_same_results(joint[i], mg.forward_backward([FwdBwdRequest(alone[i], data[i])])[0], atol=1e-5)
         mg.optim_step(together[i], ADAM)
@@ -299,9 +317,13 @@ def test_a_bad_request_fails_alone_and_leaves_the_others_gradients(mg, hf, tmp_p
     assert_same_results(results[0], mg.forward_backward([FwdBwdRequest(reference, data)])[0], atol=1e-5)
     for model_id in (batch_ids[0], reference, batch_ids[2]):
         mg.optim_step(model_id, ADAM)
-    assert_same_weights(saved_weights(mg, batch_ids[0], tmp_path / "x"), saved_weights(mg, reference, tmp_path / "r"), atol=1e-5)
+    assert_same_weights(
+        saved_weights(mg, batch_ids[0], tmp_path / "x"), saved_weights(mg, reference, tmp_path / "r"), atol=1e-5
+    )
     fresh = adapter_from(mg, TINY_MODEL_NAME, LORA, checkpoint)
-    assert_same_weights(saved_weights(mg, batch_ids[2], tmp_path / "u"), saved_weights(mg, fresh, tmp_path / "c"), atol=0.0)
+    assert_same_weights(
+        saved_weights(mg, batch_ids[2], tmp_path / "u"), saved_weights(mg, fresh, tmp_path / "c"), atol=0.0
+    )
 
 
 def test_discard_gradients_and_remove_adapter(mg, hf, tmp_path):
@@ -363,7 +385,8 @@ def test_sdk_trains_through_the_service_on_megatron_and_samples_from_it(make_sta
         weights = [0.0] * 4 + [1.0] * 8
         batch.append(
             tinker.Datum(
-                model_input=tinker.ModelInput.from_ints(tokens[:-1].tolist()), loss_fn_inputs={"target_tokens": tokens[1:].tolist(), "weights": weights}
+                model_input=tinker.ModelInput.from_ints(tokens[:-1].tolist()),
+                loss_fn_inputs={"target_tokens": tokens[1:].tolist(), "weights": weights},
             )
         )
     losses = []
@@ -382,7 +405,9 @@ def test_sdk_trains_through_the_service_on_megatron_and_samples_from_it(make_sta
     full = prompt.to_ints() + [int(batch[0].loss_fn_inputs["target_tokens"].tolist()[-1])]
     sampled = sampler.compute_logprobs(tinker.ModelInput.from_ints(full)).result(timeout=120)
     trained = tc.forward([batch[0]], "cross_entropy").result(timeout=120).loss_fn_outputs[0]["logprobs"].tolist()
-    np.testing.assert_allclose(np.asarray(sampled[1:], dtype=np.float32), np.asarray(trained, dtype=np.float32), atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(sampled[1:], dtype=np.float32), np.asarray(trained, dtype=np.float32), atol=1e-3
+    )
 
 
 def test_a_megatron_worker_without_megatron_core_refuses_to_start_saying_how_to_install(tmp_path):

@@ -134,7 +134,9 @@ def test_mixed_pass_equals_plain_peft(tb, settings, tmp_path):
     results = tb.forward_backward([FwdBwdRequest(m, d, forward_only=True) for m, d in zip(ids, data)])
     for i, (model_id, result) in enumerate(zip(ids, results)):
         tb.save_state(model_id, str(tmp_path / f"a{i}"), False)
-        base = AutoModelForCausalLM.from_pretrained(str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+        )
         peft_model = PeftModel.from_pretrained(base, str(tmp_path / f"a{i}")).eval()
         with torch.no_grad():
             expected = ref_logprobs(peft_model, data[i])
@@ -212,7 +214,9 @@ def test_padding_fraction_of_eight_datums_16_to_512(tb):
     assert all(sum(lengths[k] for k in row) <= width for row in rows)
     a, b = adapter(tb, 0, seed=600), adapter(tb, 1, seed=601)
     data = make_data(602, lengths)
-    tb.forward_backward([FwdBwdRequest(a, data[::2], forward_only=True), FwdBwdRequest(b, data[1::2], forward_only=True)])
+    tb.forward_backward(
+        [FwdBwdRequest(a, data[::2], forward_only=True), FwdBwdRequest(b, data[1::2], forward_only=True)]
+    )
     stats = tb.last_pass
     assert stats["tokens"] == sum(lengths) and stats["positions"] == len(rows) * width
     assert stats["padding_fraction"] <= 0.10 and stats["adapters"] == 2 and stats["requests"] == 2
@@ -234,8 +238,12 @@ def test_packed_datums_do_not_attend_to_each_other(tb, settings):
     [second] = tb.forward_backward([FwdBwdRequest(model_id, data, forward_only=True)])
     assert not np.allclose(first.loss_fn_outputs[0]["logprobs"], second.loss_fn_outputs[0]["logprobs"])
     for i in (1, 2):
-        np.testing.assert_allclose(first.loss_fn_outputs[i]["logprobs"], second.loss_fn_outputs[i]["logprobs"], atol=1e-6, rtol=0)
-    plain = AutoModelForCausalLM.from_pretrained(str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32).eval()
+        np.testing.assert_allclose(
+            first.loss_fn_outputs[i]["logprobs"], second.loss_fn_outputs[i]["logprobs"], atol=1e-6, rtol=0
+        )
+    plain = AutoModelForCausalLM.from_pretrained(
+        str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         expected = ref_logprobs(plain, data)  # B = 0 at init: the adapter is the identity
     for out, exp in zip(second.loss_fn_outputs, expected):
@@ -265,7 +273,9 @@ def test_routed_rows_unsorted_equal_each_alone(tb):
 def test_bfloat16_base_keeps_lora_and_optimizer_in_float32(settings):
     from backends.hf_train import HFTrainingBackend
 
-    bf16 = HFTrainingBackend(Settings(models_dir=settings.models_dir, data_dir=settings.data_dir, device="cpu", dtype="bfloat16"))
+    bf16 = HFTrainingBackend(
+        Settings(models_dir=settings.models_dir, data_dir=settings.data_dir, device="cpu", dtype="bfloat16")
+    )
     assert bf16.dtype == torch.bfloat16
     model_id = new_id()
     bf16.create_adapter(model_id, TINY_MODEL_NAME, LoraSpec(rank=4, seed=900))

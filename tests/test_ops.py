@@ -1,4 +1,5 @@
-"""Operations on a real stack: /metrics, celery inspect/control, the status page in headless Chromium, Flower's task list."""
+"""Operations on a real stack: /metrics, celery inspect/control, the status page in headless Chromium, Flower's task
+list."""
 
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ def trained(stack: Stack, tb: TinkerbellClient, celery_control: Celery, flower: 
     batch = [datum(1), datum(2, 7)]
     tb.forward_backward(model_id, batch).result(120)
     tb.optim_step(model_id, **ADAM).result(120)
-    sampled = tb.sample(datum(4)["model_input"], max_tokens=4, temperature=0.0, stop=[]).result(120)  # stop=[]: 4 tokens
+    sampled = tb.sample(datum(4)["model_input"], max_tokens=4, temperature=0.0, stop=[]).result(
+        120
+    )  # stop=[]: 4 tokens
     after = scrape(stack)
     tokens = sum(len(d["model_input"]) for d in batch)
     return {
@@ -151,9 +154,15 @@ def trained(stack: Stack, tb: TinkerbellClient, celery_control: Celery, flower: 
 def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
     before, after, model_id = trained["before"], trained["after"], trained["model_id"]
     assert value(after, "tinkerbell_redis_up") == 1
-    assert value(after, "tinkerbell_tokens_trained_total") - value(before, "tinkerbell_tokens_trained_total") == trained["tokens"]
+    assert (
+        value(after, "tinkerbell_tokens_trained_total") - value(before, "tinkerbell_tokens_trained_total")
+        == trained["tokens"]
+    )
     assert trained["sampled"] > 0
-    assert value(after, "tinkerbell_tokens_sampled_total") - value(before, "tinkerbell_tokens_sampled_total") == trained["sampled"]
+    assert (
+        value(after, "tinkerbell_tokens_sampled_total") - value(before, "tinkerbell_tokens_sampled_total")
+        == trained["sampled"]
+    )
     for route in ("/add_lora", "/fwdbwd", "/optim_step"):
         assert (
             value(after, "tinkerbell_http_requests_total", method="POST", route=route, status="200")
@@ -161,10 +170,15 @@ def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
         )
         count = value(after, "tinkerbell_http_request_duration_seconds_count", method="POST", route=route)
         assert count >= 1
-        assert value(after, "tinkerbell_http_request_duration_seconds_bucket", method="POST", route=route, le="+Inf") == count
+        assert (
+            value(after, "tinkerbell_http_request_duration_seconds_bucket", method="POST", route=route, le="+Inf")
+            == count
+        )
         assert value(after, "tinkerbell_http_request_duration_seconds_sum", method="POST", route=route) > 0
     polls = value(after, "tinkerbell_http_requests_total", method="POST", route="/retrieve_future", status="200")
-    assert polls > value(before, "tinkerbell_http_requests_total", method="POST", route="/retrieve_future", status="200")
+    assert polls > value(
+        before, "tinkerbell_http_requests_total", method="POST", route="/retrieve_future", status="200"
+    )
     assert value(after, "tinkerbell_workers_alive") >= 1
     assert value(after, "tinkerbell_worker_adapters", worker="w0", device="cpu") >= 1
     assert (("tinkerbell_queue_depth", (("kind", "adapter"), ("queue", f"adapter.{model_id}")))) in after
@@ -175,19 +189,29 @@ def test_metrics_counters_move_after_a_training_step(trained: dict) -> None:
 def test_metrics_count_errors_by_status(stack: Stack) -> None:
     before = scrape(stack)
     assert (
-        requests.post(stack.url + "/fwdbwd", json={"model_id": "nope:train:0", "data": [datum(3)]}, headers={"X-API-Key": "tml-ops"}, timeout=10).status_code
+        requests.post(
+            stack.url + "/fwdbwd",
+            json={"model_id": "nope:train:0", "data": [datum(3)]},
+            headers={"X-API-Key": "tml-ops"},
+            timeout=10,
+        ).status_code
         == 404
     )
     after = scrape(stack)
     labels = {"method": "POST", "route": "/fwdbwd", "status": "404"}
-    assert value(after, "tinkerbell_http_requests_total", **labels) == value(before, "tinkerbell_http_requests_total", **labels) + 1
+    assert (
+        value(after, "tinkerbell_http_requests_total", **labels)
+        == value(before, "tinkerbell_http_requests_total", **labels) + 1
+    )
 
 
 def test_active_queues_show_the_adapter_queue(trained: dict, celery_control: Celery) -> None:
     assert f"adapter.{trained['model_id']}" in trained["queues"]
     assert "worker.w0" in trained["queues"]
     registered = celery_control.control.inspect(destination=[node_name("w0")], timeout=5).registered() or {}
-    assert {"tinkerbell.forward_backward", "tinkerbell.optim_step", "tinkerbell.create_adapter"} <= set(registered[node_name("w0")])
+    assert {"tinkerbell.forward_backward", "tinkerbell.optim_step", "tinkerbell.create_adapter"} <= set(
+        registered[node_name("w0")]
+    )
 
 
 def test_status_page_in_headless_chromium(stack: Stack, trained: dict) -> None:
@@ -196,7 +220,14 @@ def test_status_page_in_headless_chromium(stack: Stack, trained: dict) -> None:
     assert adapters >= 1
     with tempfile.TemporaryDirectory(prefix="tb-chromium-") as profile:
         done = subprocess.run(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", stack.url + "/"],
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--dump-dom",
+                "--virtual-time-budget=5000",
+                stack.url + "/",
+            ],
             check=False,
             capture_output=True,
             text=True,
@@ -224,14 +255,25 @@ def test_status_page_is_public_and_leaks_no_ids(stack: Stack, trained: dict) -> 
 
 def test_flower_lists_readable_tasks_without_arrays(stack: Stack, trained: dict, flower: str) -> None:
     def fetch() -> dict:
-        return requests.get(flower + "/api/tasks", params={"taskname": "tinkerbell.forward_backward"}, auth=("ops", "secret"), timeout=10).json()
+        return requests.get(
+            flower + "/api/tasks",
+            params={"taskname": "tinkerbell.forward_backward"},
+            auth=("ops", "secret"),
+            timeout=10,
+        ).json()
 
-    wait_for(lambda: any(t.get("kwargs") and trained["model_id"] in t["kwargs"] for t in fetch().values()), 30, "the forward_backward task in Flower")
+    wait_for(
+        lambda: any(t.get("kwargs") and trained["model_id"] in t["kwargs"] for t in fetch().values()),
+        30,
+        "the forward_backward task in Flower",
+    )
     ours = [t for t in fetch().values() if trained["model_id"] in (t.get("kwargs") or "")]
     for task in ours:
         assert task["name"] == "tinkerbell.forward_backward"
         assert len(task["kwargs"]) < 300, task["kwargs"]
-        assert '"batch": "2x10"' in task["kwargs"] and "model_input" not in task["kwargs"] and "data" not in task["kwargs"]
+        assert (
+            '"batch": "2x10"' in task["kwargs"] and "model_input" not in task["kwargs"] and "data" not in task["kwargs"]
+        )
         assert task["args"] == "()"
         assert "\\x" not in (task.get("result") or ""), task["result"]  # results are shortened too: no raw bytes
         assert task["sent"], "no task-sent event: the API publishes with send_task and task_send_sent_event"
@@ -239,7 +281,9 @@ def test_flower_lists_readable_tasks_without_arrays(stack: Stack, trained: dict,
     assert node_name("w0") in workers
 
 
-def test_active_queues_drop_the_adapter_after_remove(stack: Stack, tb: TinkerbellClient, trained: dict, celery_control: Celery) -> None:
+def test_active_queues_drop_the_adapter_after_remove(
+    stack: Stack, tb: TinkerbellClient, trained: dict, celery_control: Celery
+) -> None:
     tb.remove_lora(trained["model_id"]).result(120)
     queue = f"adapter.{trained['model_id']}"
     assert queue not in active_queue_names(celery_control, "w0")
@@ -267,7 +311,10 @@ def test_metrics_agree_across_gunicorn_processes(stack: Stack, tmp_path: Path) -
         route = {"method": "GET", "route": "/get_server_capabilities", "status": "200"}
         start = value(_scrape_url(url), "tinkerbell_http_requests_total", **route)
         for _ in range(20):  # fresh connections: gunicorn spreads them over both processes
-            assert requests.get(url + "/get_server_capabilities", headers={"Connection": "close"}, timeout=10).status_code == 200
+            assert (
+                requests.get(url + "/get_server_capabilities", headers={"Connection": "close"}, timeout=10).status_code
+                == 200
+            )
         for _ in range(4):
             assert value(_scrape_url(url), "tinkerbell_http_requests_total", **route) >= start + 20
     finally:
@@ -285,7 +332,9 @@ def _ok(url: str) -> bool:
 
 def _scrape_url(url: str) -> dict:
     samples = {}
-    for family in text_string_to_metric_families(requests.get(url + "/metrics", headers={"Connection": "close"}, timeout=10).text):
+    for family in text_string_to_metric_families(
+        requests.get(url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+    ):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
@@ -296,7 +345,20 @@ def test_demo_fine_tunes_through_the_sdk(stack: Stack, tmp_path: Path) -> None:
     plot = tmp_path / "loss.png"
     env = {**stack.env, "HF_HOME": str(tmp_path / "hf"), "TINKER_TELEMETRY": "0"}
     done = subprocess.run(
-        [sys.executable, "examples/demo.py", "--url", stack.url, "--base-model", stack.base_model, "--steps", "3", "--batch-size", "2", "--plot", str(plot)],
+        [
+            sys.executable,
+            "examples/demo.py",
+            "--url",
+            stack.url,
+            "--base-model",
+            stack.base_model,
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--plot",
+            str(plot),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -320,7 +382,9 @@ def test_status_shows_what_a_busy_worker_runs_where_inspect_active_cannot(stack:
     # Each task must outlast the 1 s heartbeat by a margin on a fast machine too: 16 sequences of 480 tokens
     # (one sequence took under half a second here, and the status then missed both tasks now and again).
     futures = [tb.sample(prompt, max_tokens=480, temperature=0.0, stop=[], num_samples=16) for _ in range(2)]
-    wait_for(lambda: any(r.startswith("sample for") for r in running()), 30, "the status page to show the running sample")
+    wait_for(
+        lambda: any(r.startswith("sample for") for r in running()), 30, "the status page to show the running sample"
+    )
     for future in futures:
         future.result(120)
     wait_for(lambda: running() == ["idle"], 10, "the status page to show the worker idle")

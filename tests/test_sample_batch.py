@@ -53,7 +53,9 @@ def adapters(settings, tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("batch-adapters")
     dirs = []
     for k in range(8):
-        model = AutoModelForCausalLM.from_pretrained(str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32
+        )
         config = LoraConfig(r=4, lora_alpha=8.0, target_modules=lora_targets(True, True, True), lora_dropout=0.0)
         torch.manual_seed(k)
         model = get_peft_model(model, config)
@@ -110,7 +112,9 @@ def peft_prompt_logprobs(settings: Settings, tokens: list[int], adapter_dir: str
 
 def test_mixed_adapters_prompts_and_samples_each_equal_their_solo_run(sampler, settings, adapters):
     requests = []
-    for seed, (adapter, prompt, n) in enumerate((a, p, n) for a in [None, *adapters[:3]] for p in PROMPTS for n in (1, 3)):
+    for seed, (adapter, prompt, n) in enumerate(
+        (a, p, n) for a in [None, *adapters[:3]] for p in PROMPTS for n in (1, 3)
+    ):
         if n == 1:
             requests.append(SampleRequest(TINY_MODEL_NAME, adapter, prompt, GREEDY, 1, True, 3))
         else:
@@ -124,14 +128,22 @@ def test_mixed_adapters_prompts_and_samples_each_equal_their_solo_run(sampler, s
     for k, adapter in enumerate(adapters[:3]):
         result = batched[6 * (k + 1)]
         assert result.prompt_logprobs is not None
-        np.testing.assert_allclose(result.prompt_logprobs[1:], peft_prompt_logprobs(settings, PROMPTS[0], adapter), atol=1e-4)
+        np.testing.assert_allclose(
+            result.prompt_logprobs[1:], peft_prompt_logprobs(settings, PROMPTS[0], adapter), atol=1e-4
+        )
     greedy_outputs = {tuple(batched[6 * k].sequences[0].tokens) for k in range(4)}
     assert len(greedy_outputs) == 4
 
 
 def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(sampler, adapters):
-    mine = SampleRequest(TINY_MODEL_NAME, adapters[0], PROMPTS[1], SamplingSpec(max_tokens=8, temperature=1.0, seed=7, stop=[]), 4)
-    others = [SampleRequest(TINY_MODEL_NAME, a, p, SamplingSpec(max_tokens=3, seed=1, stop=[]), 2) for a in adapters[1:4] for p in PROMPTS]
+    mine = SampleRequest(
+        TINY_MODEL_NAME, adapters[0], PROMPTS[1], SamplingSpec(max_tokens=8, temperature=1.0, seed=7, stop=[]), 4
+    )
+    others = [
+        SampleRequest(TINY_MODEL_NAME, a, p, SamplingSpec(max_tokens=3, seed=1, stop=[]), 2)
+        for a in adapters[1:4]
+        for p in PROMPTS
+    ]
     first = sampler.sample_batch([mine])[0]
     second = sampler.sample_batch([*others[:5], mine, *others[5:]])[5]
     assert [s.tokens for s in first.sequences] == [s.tokens for s in second.sequences]
@@ -159,7 +171,9 @@ def test_rows_with_different_lengths_and_stops_finish_independently(sampler, ada
         SamplingSpec(max_tokens=5, temperature=1.0, seed=3, stop=[]),
     ]
     requests = [SampleRequest(TINY_MODEL_NAME, adapters[1], PROMPTS[0], spec) for spec in specs]
-    requests.insert(3, SampleRequest(TINY_MODEL_NAME, None, PROMPTS[2], SamplingSpec(max_tokens=9, temperature=0.0, stop=[]), 2))
+    requests.insert(
+        3, SampleRequest(TINY_MODEL_NAME, None, PROMPTS[2], SamplingSpec(max_tokens=9, temperature=0.0, stop=[]), 2)
+    )
     batched = sampler.sample_batch(requests)
     assert sampler.last_batch["loops"] == 1
     for request, result in zip(requests, batched):
@@ -199,7 +213,12 @@ def test_a_bad_request_fails_alone(sampler, adapters, tmp_path):
 def test_many_requests_share_few_loops_capped_by_engine_sample_rows(settings, adapters):
     from backends.hf_sample import HFSamplingBackend
 
-    requests = [SampleRequest(TINY_MODEL_NAME, adapters[i % 8], PROMPTS[i % 3], SamplingSpec(max_tokens=4, temperature=0.0, stop=[])) for i in range(64)]
+    requests = [
+        SampleRequest(
+            TINY_MODEL_NAME, adapters[i % 8], PROMPTS[i % 3], SamplingSpec(max_tokens=4, temperature=0.0, stop=[])
+        )
+        for i in range(64)
+    ]
     wide = HFSamplingBackend(settings)
     results = wide.sample_batch(requests)
     assert wide.last_batch == {"requests": 64, "rows": 64, "loops": 1}
@@ -210,13 +229,19 @@ def test_many_requests_share_few_loops_capped_by_engine_sample_rows(settings, ad
         assert_same(results[i], capped[i])
         assert_same(results[i], solo(narrow, requests[i]))
     # A request with more samples than the cap gets a loop of its own.
-    big = SampleRequest(TINY_MODEL_NAME, adapters[0], PROMPTS[0], SamplingSpec(max_tokens=2, seed=1, stop=[]), num_samples=20)
+    big = SampleRequest(
+        TINY_MODEL_NAME, adapters[0], PROMPTS[0], SamplingSpec(max_tokens=2, seed=1, stop=[]), num_samples=20
+    )
     narrow.sample_batch([requests[0], big, requests[1]])
     assert narrow.last_batch == {"requests": 3, "rows": 22, "loops": 3}
 
 
 def test_requests_for_different_base_models_are_decoded_per_model(sampler):
-    requests = [SampleRequest(model, None, prompt, GREEDY, 1, True) for prompt in PROMPTS for model in (TINY_MODEL_NAME, OTHER_MODEL)]
+    requests = [
+        SampleRequest(model, None, prompt, GREEDY, 1, True)
+        for prompt in PROMPTS
+        for model in (TINY_MODEL_NAME, OTHER_MODEL)
+    ]
     results = sampler.sample_batch(requests)
     assert sampler.last_batch == {"requests": 6, "rows": 6, "loops": 2}
     for request, result in zip(requests, results):

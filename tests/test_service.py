@@ -17,7 +17,10 @@ def make_datum(seed: int, length: int = 12, vocab: int = 2000) -> dict:
     tokens = rng.integers(1, vocab, size=length + 1)
     weights = np.ones(length, dtype=np.float32)
     weights[: length // 3] = 0.0  # a prompt part that does not count
-    return {"model_input": tokens[:-1].tolist(), "loss_fn_inputs": {"target_tokens": tokens[1:].tolist(), "weights": weights.tolist()}}
+    return {
+        "model_input": tokens[:-1].tolist(),
+        "loss_fn_inputs": {"target_tokens": tokens[1:].tolist(), "weights": weights.tolist()},
+    }
 
 
 def logprobs_of(output: dict) -> np.ndarray:
@@ -66,7 +69,9 @@ def test_loss_and_logprobs_equal_plain_peft(stack, tb, models_dir):
         lp = plain_logprobs(model, datum)
         np.testing.assert_allclose(logprobs_of(output), lp.detach().numpy(), atol=1e-5)
         loss = loss + (-lp * torch.tensor(datum["loss_fn_inputs"]["weights"])).sum()
-    assert out["metrics"]["loss:sum"] == pytest.approx(loss.item(), rel=1e-6)  # a float32 sum of ~100: 1e-5 absolute is below its ulp
+    assert out["metrics"]["loss:sum"] == pytest.approx(
+        loss.item(), rel=1e-6
+    )  # a float32 sum of ~100: 1e-5 absolute is below its ulp
 
 
 def test_one_optim_step_equals_in_process_adamw(stack, tb, models_dir):
@@ -86,7 +91,11 @@ def test_one_optim_step_equals_in_process_adamw(stack, tb, models_dir):
     model = plain_peft(models_dir, checkpoint_dir(stack, start))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
-        list(named.values()), lr=adam["learning_rate"], betas=(adam["beta1"], adam["beta2"]), eps=adam["eps"], weight_decay=adam["weight_decay"]
+        list(named.values()),
+        lr=adam["learning_rate"],
+        betas=(adam["beta1"], adam["beta2"]),
+        eps=adam["eps"],
+        weight_decay=adam["weight_decay"],
     )
     # One batched forward, as the service runs it (both datums have the same length: no padding).
     tokens = torch.tensor([d["model_input"] for d in batch])  # (B, N)
@@ -147,8 +156,12 @@ def test_two_adapters_interleaved_each_equal_training_alone(tb):
     for step in range(4):
         tb.forward_backward(alone_b, data_b[step % 2]).result(60)
         tb.optim_step(alone_b, learning_rate=1e-2).result(60)
-    np.testing.assert_allclose(got_a, logprobs_of(tb.forward(alone_a, probe_a).result(60)["loss_fn_outputs"][0]), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got_b, logprobs_of(tb.forward(alone_b, probe_b).result(60)["loss_fn_outputs"][0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        got_a, logprobs_of(tb.forward(alone_a, probe_a).result(60)["loss_fn_outputs"][0]), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        got_b, logprobs_of(tb.forward(alone_b, probe_b).result(60)["loss_fn_outputs"][0]), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_gradient_accumulation_equals_full_batch(tb):
@@ -186,7 +199,9 @@ def test_sample_from_saved_adapter_weights(tb):
         tb.optim_step(model_id, learning_rate=1e-2).result(60)
     path = tb.save_state(model_id, "s", for_sampler=True).result(60)["path"]
     prompt = datum["model_input"][:3]
-    tuned = tb.sample(prompt, model_path=path, max_tokens=3, temperature=0.0, stop=[]).result(60)["sequences"][0]["tokens"]
+    tuned = tb.sample(prompt, model_path=path, max_tokens=3, temperature=0.0, stop=[]).result(60)["sequences"][0][
+        "tokens"
+    ]
     assert tuned == datum["loss_fn_inputs"]["target_tokens"][2:5]  # it learned to continue the example
 
 
@@ -201,9 +216,24 @@ def test_remove_adapter_frees_it(stack, tb):
 BAD_INPUTS = [
     ("unknown model", "/fwdbwd", {"model_id": "nope:train:0", "data": [make_datum(1)]}, "model_id"),
     ("unknown loss", "/fwdbwd", {"data": [make_datum(1)], "loss_fn": "no_such_loss"}, "loss_fn"),
-    ("negative token", "/fwdbwd", {"data": [{"model_input": [1, -2, 3], "loss_fn_inputs": {"target_tokens": [2, 3, 4], "weights": [1, 1, 1]}}]}, "model_input"),
-    ("length mismatch", "/fwdbwd", {"data": [{"model_input": [1, 2, 3], "loss_fn_inputs": {"target_tokens": [2, 3], "weights": [1, 1]}}]}, "target_tokens"),
-    ("weights mismatch", "/fwdbwd", {"data": [{"model_input": [1, 2, 3], "loss_fn_inputs": {"target_tokens": [2, 3, 4], "weights": [1, 1]}}]}, "weights"),
+    (
+        "negative token",
+        "/fwdbwd",
+        {"data": [{"model_input": [1, -2, 3], "loss_fn_inputs": {"target_tokens": [2, 3, 4], "weights": [1, 1, 1]}}]},
+        "model_input",
+    ),
+    (
+        "length mismatch",
+        "/fwdbwd",
+        {"data": [{"model_input": [1, 2, 3], "loss_fn_inputs": {"target_tokens": [2, 3], "weights": [1, 1]}}]},
+        "target_tokens",
+    ),
+    (
+        "weights mismatch",
+        "/fwdbwd",
+        {"data": [{"model_input": [1, 2, 3], "loss_fn_inputs": {"target_tokens": [2, 3, 4], "weights": [1, 1]}}]},
+        "weights",
+    ),
     ("empty batch", "/fwdbwd", {"data": []}, "data"),
     ("bad learning rate", "/optim_step", {"adam_params": {"learning_rate": 0.0}}, "learning_rate"),
     ("unknown base model", "/add_lora", {"base_model": "nobody/nothing"}, "base_model"),
@@ -226,7 +256,12 @@ def test_bad_input_is_a_clear_4xx_naming_the_field(stack, tb, case, route, paylo
 def test_malformed_json_is_a_400_with_a_body(stack):
     import requests
 
-    response = requests.post(stack.url + "/fwdbwd", data="{not json", headers={"X-API-Key": "tml-test", "Content-Type": "application/json"}, timeout=10)
+    response = requests.post(
+        stack.url + "/fwdbwd",
+        data="{not json",
+        headers={"X-API-Key": "tml-test", "Content-Type": "application/json"},
+        timeout=10,
+    )
     assert response.status_code == 400 and "JSON" in response.json()["error"]
 
 
@@ -280,9 +315,14 @@ def test_resent_seq_id_applies_once(stack, tb):
     again = requests.post(stack.url + "/fwdbwd", json=body, headers=headers, timeout=10).json()["request_id"]
     assert first == again
     # seq 3 arrives before seq 2: it waits for 2, then both run in order.
-    third = requests.post(stack.url + "/fwdbwd", json={**body, "seq_id": 3, "forward_only": True}, headers=headers, timeout=10).json()["request_id"]
+    third = requests.post(
+        stack.url + "/fwdbwd", json={**body, "seq_id": 3, "forward_only": True}, headers=headers, timeout=10
+    ).json()["request_id"]
     second = requests.post(
-        stack.url + "/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.05}}, headers=headers, timeout=10
+        stack.url + "/optim_step",
+        json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.05}},
+        headers=headers,
+        timeout=10,
     ).json()["request_id"]
     loss_before = tb.retrieve_future(first).result(60)["metrics"]["loss:sum"]
     tb.retrieve_future(second).result(60)
@@ -293,17 +333,32 @@ def test_resent_seq_id_applies_once(stack, tb):
 def test_requests_held_behind_a_seq_id_that_never_comes_run_after_the_gap_timeout(make_stack):
     import requests
 
-    gappy = make_stack(1, {"TINKERBELL_AUTH": "off", "TINKERBELL_SEQ_GAP_TIMEOUT_S": "1", "TINKERBELL_POLL_TIMEOUT_S": "1"})
+    gappy = make_stack(
+        1, {"TINKERBELL_AUTH": "off", "TINKERBELL_SEQ_GAP_TIMEOUT_S": "1", "TINKERBELL_POLL_TIMEOUT_S": "1"}
+    )
     tb = TinkerbellClient(gappy.url, api_key="tml-test")
     model_id = tb.add_lora(rank=4).result(120)["model_id"]
     headers = {"X-API-Key": "tml-test"}
-    held = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 2, "data": [make_datum(1)]}, headers=headers, timeout=10).json()[
-        "request_id"
-    ]
-    assert tb.retrieve_future(held).result(30)["metrics"]["loss:sum"] > 0  # seq 1 never came: seq 2 ran after the timeout
-    late = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 1, "data": [make_datum(1)]}, headers=headers, timeout=10)
+    held = requests.post(
+        gappy.url + "/fwdbwd",
+        json={"model_id": model_id, "seq_id": 2, "data": [make_datum(1)]},
+        headers=headers,
+        timeout=10,
+    ).json()["request_id"]
+    assert (
+        tb.retrieve_future(held).result(30)["metrics"]["loss:sum"] > 0
+    )  # seq 1 never came: seq 2 ran after the timeout
+    late = requests.post(
+        gappy.url + "/fwdbwd",
+        json={"model_id": model_id, "seq_id": 1, "data": [make_datum(1)]},
+        headers=headers,
+        timeout=10,
+    )
     assert late.status_code == 400 and "seq_id 1" in late.json()["error"]
-    after = requests.post(gappy.url + "/fwdbwd", json={"model_id": model_id, "seq_id": 3, "data": [make_datum(2)]}, headers=headers, timeout=10).json()[
-        "request_id"
-    ]
+    after = requests.post(
+        gappy.url + "/fwdbwd",
+        json={"model_id": model_id, "seq_id": 3, "data": [make_datum(2)]},
+        headers=headers,
+        timeout=10,
+    ).json()["request_id"]
     assert tb.retrieve_future(after).result(30)["metrics"]["loss:sum"] > 0  # the model goes on

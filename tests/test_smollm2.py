@@ -23,12 +23,23 @@ def test_smollm2_sft_steps_and_greedy_sample(smol_stack):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL, Settings.from_env(smol_stack.env)))
     tb = TinkerbellClient(smol_stack.url, api_key="tml-x")
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = [int(t) for t in tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
+    prompt = [
+        int(t)
+        for t in tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    ]
     answer = tb.sample(prompt, base_model=DEFAULT_MODEL, max_tokens=12, temperature=0.0).result(300)
     assert "Paris" in tokenizer.decode(answer["sequences"][0]["tokens"])
 
     full = prompt + tokenizer.encode("The capital of France is Paris.<|im_end|>")
-    datum = {"model_input": full[:-1], "loss_fn_inputs": {"target_tokens": full[1:], "weights": [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))}}
+    datum = {
+        "model_input": full[:-1],
+        "loss_fn_inputs": {
+            "target_tokens": full[1:],
+            "weights": [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt)),
+        },
+    }
     model_id = tb.add_lora(base_model=DEFAULT_MODEL, rank=8).result(300)["model_id"]
     losses = []
     for _ in range(4):

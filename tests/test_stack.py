@@ -66,7 +66,12 @@ def test_one_worker_per_gpu_else_n_cpu_workers() -> None:
 
 def test_children_share_one_redis_and_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    base = {"TINKERBELL_DATA_DIR": "rel-data", "TINKERBELL_MODELS_DIR": "models", "TINKERBELL_REDIS_URL": "redis://other:1/2", "TINKERBELL_DEVICE": "cuda:3"}
+    base = {
+        "TINKERBELL_DATA_DIR": "rel-data",
+        "TINKERBELL_MODELS_DIR": "models",
+        "TINKERBELL_REDIS_URL": "redis://other:1/2",
+        "TINKERBELL_DEVICE": "cuda:3",
+    }
     env = stack_script.child_environment(base, port=8123, redis_port=6400, flower_port=5600)
     settings = stack_script.Settings.from_env(env)
     assert settings.broker_url == settings.backend_url == settings.registry_url == "redis://127.0.0.1:6400/0"
@@ -99,13 +104,29 @@ def test_busy_api_port_is_refused_before_anything_starts(tmp_path: Path) -> None
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(stack_script.StackError, match="already in use"):
-            stack_script.start_stack(port=port, redis_port=free_port(), flower=False, environ={"TINKERBELL_DATA_DIR": str(tmp_path)}, log_path=None, echo=False)
+            stack_script.start_stack(
+                port=port,
+                redis_port=free_port(),
+                flower=False,
+                environ={"TINKERBELL_DATA_DIR": str(tmp_path)},
+                log_path=None,
+                echo=False,
+            )
 
 
 def bare_stack(redis_port: int, data_dir: Path) -> Any:
-    env = stack_script.child_environment({"TINKERBELL_DATA_DIR": str(data_dir)}, port=None, redis_port=redis_port, flower_port=None)
+    env = stack_script.child_environment(
+        {"TINKERBELL_DATA_DIR": str(data_dir)}, port=None, redis_port=redis_port, flower_port=None
+    )
     settings = stack_script.Settings.from_env(env)
-    return stack_script.Stack(env=env, settings=settings, workers=[], redis_url=settings.broker_url, mux=stack_script.LogMux(None, None), log_path=None)
+    return stack_script.Stack(
+        env=env,
+        settings=settings,
+        workers=[],
+        redis_url=settings.broker_url,
+        mux=stack_script.LogMux(None, None),
+        log_path=None,
+    )
 
 
 def test_redis_that_already_answers_is_reused_not_restarted(redis_server: Any, tmp_path: Path) -> None:
@@ -206,7 +227,9 @@ def running_stack(models_dir: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
         "--log-file",
         str(tmp_path / "stack.log"),
     ]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     assert proc.stdout is not None
     gpus = stack_script.detect_gpus()
     info = {
@@ -236,7 +259,9 @@ def running_stack(models_dir: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
 def retrieve(api: str, headers: dict[str, str], request_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        response = requests.post(f"{api}/retrieve_future", json={"request_id": request_id, "timeout": 10}, headers=headers, timeout=30)
+        response = requests.post(
+            f"{api}/retrieve_future", json={"request_id": request_id, "timeout": 10}, headers=headers, timeout=30
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert "error" not in body, body
@@ -250,7 +275,11 @@ def test_stack_trains_over_http_and_sigint_leaves_no_process(running_stack: dict
 
     # /healthz over HTTP lists the worker the stack started.
     health = wait_for(
-        lambda: (r := requests.get(f"{api}/healthz", timeout=5)).ok and worker in {w["name"] for w in r.json()["workers"]} and r.json(),
+        lambda: (
+            (r := requests.get(f"{api}/healthz", timeout=5)).ok
+            and worker in {w["name"] for w in r.json()["workers"]}
+            and r.json()
+        ),
         240,
         "/healthz with the worker",
         proc,
@@ -272,7 +301,9 @@ def test_stack_trains_over_http_and_sigint_leaves_no_process(running_stack: dict
     assert requests.get(f"{flower}/api/workers", timeout=10).status_code == 401
     auth = ("operator", "flower-test-password")
     workers = wait_for(
-        lambda: (r := requests.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30)).ok and r.json(),
+        lambda: (
+            (r := requests.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=auth, timeout=30)).ok and r.json()
+        ),
         60,
         "Flower's worker list",
         proc,
@@ -282,7 +313,19 @@ def test_stack_trains_over_http_and_sigint_leaves_no_process(running_stack: dict
 
     # The worker answers the ping docker-compose.yml uses as its healthcheck (node <name>@<hostname>).
     ping = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "-d", f"{worker}@{socket.gethostname()}", "--timeout", "10"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "inspect",
+            "ping",
+            "-d",
+            f"{worker}@{socket.gethostname()}",
+            "--timeout",
+            "10",
+        ],
         cwd=ROOT,
         env=running_stack["env"],
         capture_output=True,
@@ -305,14 +348,21 @@ def test_stack_trains_over_http_and_sigint_leaves_no_process(running_stack: dict
     headers = {"X-API-Key": created.stdout.split()[-1]}
     assert requests.post(f"{api}/add_lora", json={"base_model": TINY_MODEL}, timeout=10).status_code == 401
 
-    added = requests.post(f"{api}/add_lora", json={"base_model": TINY_MODEL, "rank": 4, "seed": 0}, headers=headers, timeout=30)
+    added = requests.post(
+        f"{api}/add_lora", json={"base_model": TINY_MODEL, "rank": 4, "seed": 0}, headers=headers, timeout=30
+    )
     assert added.status_code == 200, added.text
     model_id = added.json()["model_id"]
     retrieve(api, headers, added.json()["request_id"])
 
     tokens = np.random.default_rng(0).integers(1, 2000, size=9).tolist()
     datum = {"model_input": tokens[:-1], "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": [1.0] * 8}}
-    step = requests.post(f"{api}/fwdbwd", json={"model_id": model_id, "seq_id": 1, "data": [datum], "loss_fn": "cross_entropy"}, headers=headers, timeout=30)
+    step = requests.post(
+        f"{api}/fwdbwd",
+        json={"model_id": model_id, "seq_id": 1, "data": [datum], "loss_fn": "cross_entropy"},
+        headers=headers,
+        timeout=30,
+    )
     assert step.status_code == 200, step.text
     result = retrieve(api, headers, step.json()["request_id"])
     [out] = result["loss_fn_outputs"]

@@ -23,7 +23,10 @@ def tenants(make_stack):
     alice = tinker.ServiceClient(base_url=stack.url, api_key=alice_key)
     bob = tinker.ServiceClient(base_url=stack.url, api_key=bob_key)
     training = alice.create_lora_training_client(TINY_MODEL, rank=4, seed=0).result(timeout=120)
-    datum = tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 3, 4]), loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "weights": [1.0] * 4})
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints([1, 2, 3, 4]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4, 5], "weights": [1.0] * 4},
+    )
     training.forward_backward([datum], "cross_entropy").result(timeout=60)
     state = training.save_state("alice-state").result(timeout=60).path
     sampler_path = training.save_weights_for_sampler("alice-sampler").result(timeout=60).path
@@ -32,7 +35,12 @@ def tenants(make_stack):
     # a future of alice's, from the HTTP API (a second model in her session, so her client's seq_ids stay untouched)
     response = requests.post(
         stack.url + "/api/v1/create_model",
-        json={"session_id": alice.holder.get_session_id(), "model_seq_id": 1, "base_model": TINY_MODEL, "lora_config": {"rank": 4}},
+        json={
+            "session_id": alice.holder.get_session_id(),
+            "model_seq_id": 1,
+            "base_model": TINY_MODEL,
+            "lora_config": {"rank": 4},
+        },
         headers={"X-API-Key": alice_key},
         timeout=10,
     )
@@ -60,10 +68,14 @@ def test_second_key_lists_nothing_of_the_first(tenants):
     assert rest.list_user_checkpoints(limit=100).result(timeout=30).checkpoints == []
     assert tenants["session_id"] not in rest.list_sessions().result(timeout=30).sessions
     own = tenants["alice"].create_rest_client()
-    assert tenants["training"].model_id in [r.training_run_id for r in own.list_training_runs(limit=100).result(timeout=30).training_runs]
+    assert tenants["training"].model_id in [
+        r.training_run_id for r in own.list_training_runs(limit=100).result(timeout=30).training_runs
+    ]
 
 
-@pytest.mark.parametrize("what", ["training_run", "checkpoints", "session", "delete_checkpoint", "weights_info", "sampler"])
+@pytest.mark.parametrize(
+    "what", ["training_run", "checkpoints", "session", "delete_checkpoint", "weights_info", "sampler"]
+)
 def test_second_key_gets_not_found_for_each_object(tenants, what):
     rest = tenants["bob"].create_rest_client()
     model_id = tenants["training"].model_id
@@ -84,7 +96,10 @@ def test_second_key_cannot_train_load_sample_or_poll_the_first_keys_objects(tena
     headers = {"X-API-Key": bob_key}
     for path, body in (
         ("/api/v1/get_info", {"model_id": tenants["training"].model_id}),
-        ("/api/v1/optim_step", {"model_id": tenants["training"].model_id, "seq_id": 99, "adam_params": {"learning_rate": 1e-3}}),
+        (
+            "/api/v1/optim_step",
+            {"model_id": tenants["training"].model_id, "seq_id": 99, "adam_params": {"learning_rate": 1e-3}},
+        ),
         ("/api/v1/retrieve_future", {"request_id": tenants["request_id"]}),
         ("/api/v1/session_heartbeat", {"session_id": tenants["session_id"]}),
         (
@@ -121,5 +136,10 @@ def test_published_checkpoint_is_loadable_by_another_key(tenants):
 
 
 def test_unknown_key_is_refused(tenants):
-    response = requests.post(tenants["stack"].url + "/api/v1/create_session", json={"tags": []}, headers={"X-API-Key": "tml-not-a-key"}, timeout=10)
+    response = requests.post(
+        tenants["stack"].url + "/api/v1/create_session",
+        json={"tags": []},
+        headers={"X-API-Key": "tml-not-a-key"},
+        timeout=10,
+    )
     assert response.status_code == 401 and response.json()["error"]

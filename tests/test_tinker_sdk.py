@@ -38,7 +38,10 @@ def make_datum(seed: int, length: int = 12, vocab: int = 300) -> tinker.Datum:
 
 
 def native_datum(datum: tinker.Datum) -> dict:
-    return {"model_input": datum.model_input.to_ints(), "loss_fn_inputs": {k: v.tolist() for k, v in datum.loss_fn_inputs.items()}}
+    return {
+        "model_input": datum.model_input.to_ints(),
+        "loss_fn_inputs": {k: v.tolist() for k, v in datum.loss_fn_inputs.items()},
+    }
 
 
 def logprobs(output: dict) -> np.ndarray:
@@ -79,7 +82,9 @@ def test_sft_twenty_steps_loss_falls_and_equals_the_native_path(stack, service):
         tb.optim_step(model_id, **ADAM.model_dump()).result(60)
     np.testing.assert_allclose(sdk_losses, native_losses, rtol=1e-6)
     info = tc.get_info()
-    assert info.model_data.model_name == TINY_MODEL and info.model_data.tokenizer_id == TINY_MODEL and info.lora_rank == 8
+    assert (
+        info.model_data.model_name == TINY_MODEL and info.model_data.tokenizer_id == TINY_MODEL and info.lora_rank == 8
+    )
 
 
 def test_rl_step_sample_then_importance_sampling_and_ppo(service):
@@ -87,7 +92,9 @@ def test_rl_step_sample_then_importance_sampling_and_ppo(service):
     sampler = tc.save_weights_and_get_sampling_client()
     prompt_tokens = [5, 17, 42, 99, 7]
     prompt = tinker.ModelInput.from_ints(prompt_tokens)
-    result = sampler.sample(prompt, num_samples=4, sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=3)).result(timeout=60)
+    result = sampler.sample(
+        prompt, num_samples=4, sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=3)
+    ).result(timeout=60)
     assert len(result.sequences) == 4
     data = []
     for i, seq in enumerate(result.sequences):
@@ -179,7 +186,8 @@ def test_compute_logprobs_equals_forward_logprobs(service):
     prompt_lps = sampler.compute_logprobs(tinker.ModelInput.from_ints(tokens)).result(timeout=60)
     assert prompt_lps[0] is None and len(prompt_lps) == len(tokens)
     datum = tinker.Datum(
-        model_input=tinker.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+        model_input=tinker.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
     )
     forward = logprobs(tc.forward([datum], "cross_entropy").result(timeout=60).loss_fn_outputs[0])
     np.testing.assert_allclose(prompt_lps[1:], forward, atol=2e-4)
@@ -187,7 +195,9 @@ def test_compute_logprobs_equals_forward_logprobs(service):
     named = tc.save_weights_for_sampler("probe").result(timeout=60).path
     from_path = service.create_sampling_client(model_path=named)
     assert from_path.get_base_model() == TINY_MODEL
-    np.testing.assert_allclose(from_path.compute_logprobs(tinker.ModelInput.from_ints(tokens)).result(timeout=60)[1:], forward, atol=2e-4)
+    np.testing.assert_allclose(
+        from_path.compute_logprobs(tinker.ModelInput.from_ints(tokens)).result(timeout=60)[1:], forward, atol=2e-4
+    )
 
 
 def test_rest_client_lists_and_deletes_and_the_cli_lists_and_downloads(stack, service, tmp_path):
@@ -206,10 +216,15 @@ def test_rest_client_lists_and_deletes_and_the_cli_lists_and_downloads(stack, se
     listed = rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints
     assert {c.checkpoint_id for c in listed} == {"weights/keep", "weights/drop", "sampler_weights/for-sampling"}
     rest.delete_checkpoint_from_tinker_path(drop).result(timeout=30)
-    assert {c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints} == {"weights/keep", "sampler_weights/for-sampling"}
+    assert {c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints} == {
+        "weights/keep",
+        "sampler_weights/for-sampling",
+    }
     assert keep in [c.tinker_path for c in rest.list_user_checkpoints(limit=100).result(timeout=30).checkpoints]
     rest.publish_checkpoint_from_tinker_path(keep).result(timeout=30)
-    assert [c.public for c in rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints if c.tinker_path == keep] == [True]
+    assert [
+        c.public for c in rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints if c.tinker_path == keep
+    ] == [True]
     rest.unpublish_checkpoint_from_tinker_path(keep).result(timeout=30)
     info = rest.get_weights_info_by_tinker_path(keep).result(timeout=30)
     assert info.base_model == TINY_MODEL and info.lora_rank == 8
@@ -218,19 +233,37 @@ def test_rest_client_lists_and_deletes_and_the_cli_lists_and_downloads(stack, se
 
     env = {**os.environ, "TINKER_BASE_URL": stack.url, "TINKER_API_KEY": KEY, "TINKER_TELEMETRY": "0"}
     cli = [sys.executable, "-m", "tinker.cli", "--format", "json", "checkpoint"]
-    listing = subprocess.run([*cli, "list", "--run-id", tc.model_id], env=env, check=False, capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [*cli, "list", "--run-id", tc.model_id], env=env, check=False, capture_output=True, text=True, timeout=120
+    )
     assert listing.returncode == 0, listing.stderr
     assert keep in listing.stdout
     runs = subprocess.run(
-        [sys.executable, "-m", "tinker.cli", "--format", "json", "run", "list"], env=env, check=False, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tinker.cli", "--format", "json", "run", "list"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert runs.returncode == 0 and tc.model_id in runs.stdout, runs.stderr
-    download = subprocess.run([*cli, "download", keep, "--output", str(tmp_path)], env=env, check=False, capture_output=True, text=True, timeout=300)
+    download = subprocess.run(
+        [*cli, "download", keep, "--output", str(tmp_path)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert download.returncode == 0, download.stdout + download.stderr
     files = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files, files
     # the temporary export the CLI made is deleted again
-    assert not [c for c in rest.list_user_checkpoints(limit=1000).result(timeout=30).checkpoints if c.checkpoint_type == "external"]
+    assert not [
+        c
+        for c in rest.list_user_checkpoints(limit=1000).result(timeout=30).checkpoints
+        if c.checkpoint_type == "external"
+    ]
 
 
 def test_external_weights_links_are_signed_and_expire(stack, service):
@@ -247,7 +280,9 @@ def _proto_fwdbwd(model_id: str, seq_id: int, datum: tinker.Datum) -> bytes:
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
     request = types.ForwardBackwardRequest(
-        model_id=model_id, seq_id=seq_id, forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy")
+        model_id=model_id,
+        seq_id=seq_id,
+        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"),
     )
     return zstandard.ZstdCompressor().compress(forward_backward_request_to_proto(request).SerializeToString())
 
@@ -255,14 +290,19 @@ def _proto_fwdbwd(model_id: str, seq_id: int, datum: tinker.Datum) -> bytes:
 def test_chunks_sent_out_of_order_run_in_seq_order_and_resends_apply_once(stack, service):
     tc = new_client(service, seed=7)
     headers = {"X-API-Key": KEY, "Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}
-    post = lambda seq, d: requests.post(stack.url + "/api/v1/forward_backward", data=_proto_fwdbwd(tc.model_id, seq, d), headers=headers, timeout=10)
+    post = lambda seq, d: requests.post(
+        stack.url + "/api/v1/forward_backward", data=_proto_fwdbwd(tc.model_id, seq, d), headers=headers, timeout=10
+    )
     second = post(2, make_datum(51)).json()["request_id"]  # the SDK sends chunks first-chunk-last
     first = post(1, make_datum(50)).json()["request_id"]
     assert post(1, make_datum(50)).json()["request_id"] == first
     results = []
     for request_id in (first, second):
         answer = requests.post(
-            stack.url + "/api/v1/retrieve_future", json={"request_id": request_id}, headers={"X-API-Key": KEY, "Accept": "application/x-protobuf"}, timeout=60
+            stack.url + "/api/v1/retrieve_future",
+            json={"request_id": request_id},
+            headers={"X-API-Key": KEY, "Accept": "application/x-protobuf"},
+            timeout=60,
         )
         assert answer.headers["Content-Type"].startswith("application/x-protobuf")
         out = pb.ForwardBackwardOutput()
@@ -277,14 +317,24 @@ def test_chunks_sent_out_of_order_run_in_seq_order_and_resends_apply_once(stack,
 BAD = [
     (
         "token out of range",
-        lambda: [tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 10**7]), loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})],
+        lambda: [
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints([1, 2, 10**7]),
+                loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+            )
+        ],
         "cross_entropy",
         "model_input",
     ),
     ("unknown loss", lambda: [make_datum(1)], "no_such_loss", "loss_fn"),
     (
         "length mismatch",
-        lambda: [tinker.Datum(model_input=tinker.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})],
+        lambda: [
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints([1, 2, 3]),
+                loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]},
+            )
+        ],
         "cross_entropy",
         "differs from model_input length",
     ),
@@ -301,7 +351,9 @@ def test_bad_input_raises_the_sdk_error_with_our_message(bad_input_client, case,
     with pytest.raises((tinker.TinkerError, ValueError)) as info:
         bad_input_client.forward_backward(data(), loss_fn).result(timeout=60)
     assert field in str(info.value), str(info.value)
-    assert bad_input_client.forward_backward([make_datum(2)], "cross_entropy").result(timeout=60).metrics["loss:sum"] > 0
+    assert (
+        bad_input_client.forward_backward([make_datum(2)], "cross_entropy").result(timeout=60).metrics["loss:sum"] > 0
+    )
 
 
 def test_unknown_base_model_is_a_bad_request_naming_base_model(service):
@@ -314,14 +366,29 @@ def test_unknown_model_and_future_are_not_found(stack, service):
     rest = service.create_rest_client()
     with pytest.raises(tinker.NotFoundError):
         rest.get_training_run(f"{uuid.uuid4()}:train:0").result(timeout=30)
-    answer = requests.post(stack.url + "/api/v1/retrieve_future", json={"request_id": str(uuid.uuid4())}, headers={"X-API-Key": KEY}, timeout=10)
+    answer = requests.post(
+        stack.url + "/api/v1/retrieve_future",
+        json={"request_id": str(uuid.uuid4())},
+        headers={"X-API-Key": KEY},
+        timeout=10,
+    )
     assert answer.status_code == 404 and "request_id" in answer.json()["error"]
-    bare = requests.post(stack.url + "/api/v1/create_model", data=b"", headers={"X-API-Key": KEY, "Content-Type": "application/json"}, timeout=10)
+    bare = requests.post(
+        stack.url + "/api/v1/create_model",
+        data=b"",
+        headers={"X-API-Key": KEY, "Content-Type": "application/json"},
+        timeout=10,
+    )
     assert bare.status_code == 400 and bare.content
 
 
 def test_bootstrap_flags_and_capabilities(stack, service):
-    config = requests.post(stack.url + "/api/v1/client/config", json={"sdk_version": tinker.__version__}, headers={"X-API-Key": KEY}, timeout=10).json()
+    config = requests.post(
+        stack.url + "/api/v1/client/config",
+        json={"sdk_version": tinker.__version__},
+        headers={"X-API-Key": KEY},
+        timeout=10,
+    ).json()
     parsed = types.ClientConfigResponse.model_validate(config)
     assert parsed.proto_compress_fwdbwd and not parsed.pjwt_auth_enabled and not parsed.sample_use_retrieve_futures
     capabilities = service.get_server_capabilities()
@@ -331,7 +398,13 @@ def test_bootstrap_flags_and_capabilities(stack, service):
 
 def test_example_script_runs_with_the_documented_tokenizer_install(stack, tmp_path):
     root = Path(__file__).resolve().parent.parent
-    env = {**stack.env, "HF_HOME": str(tmp_path / "hf"), "TINKER_BASE_URL": stack.url, "TINKER_API_KEY": KEY, "TINKER_TELEMETRY": "0"}
+    env = {
+        **stack.env,
+        "HF_HOME": str(tmp_path / "hf"),
+        "TINKER_BASE_URL": stack.url,
+        "TINKER_API_KEY": KEY,
+        "TINKER_TELEMETRY": "0",
+    }
     install = subprocess.run(
         [sys.executable, "-m", "backends.models", "install-tokenizer", "--model", TINY_MODEL],
         cwd=root,
@@ -344,7 +417,13 @@ def test_example_script_runs_with_the_documented_tokenizer_install(stack, tmp_pa
     assert install.returncode == 0, install.stderr
     env.update(TINKERBELL_EXAMPLE_MODEL=TINY_MODEL, TINKERBELL_EXAMPLE_STEPS="3")
     run = subprocess.run(
-        [sys.executable, str(root / "examples" / "tinker_sdk_example.py")], cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=300
+        [sys.executable, str(root / "examples" / "tinker_sdk_example.py")],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "step 2: loss" in run.stdout and "sample:" in run.stdout
@@ -358,12 +437,20 @@ def test_resent_create_model_answers_with_the_same_future(stack, service):
         headers=headers,
         timeout=10,
     ).json()["session_id"]
-    create = {"session_id": session_id, "model_seq_id": 0, "base_model": TINY_MODEL, "lora_config": {"rank": 4}, "type": "create_model"}
+    create = {
+        "session_id": session_id,
+        "model_seq_id": 0,
+        "base_model": TINY_MODEL,
+        "lora_config": {"rank": 4},
+        "type": "create_model",
+    }
     first = requests.post(stack.url + "/api/v1/create_model", json=create, headers=headers, timeout=10)
     again = requests.post(stack.url + "/api/v1/create_model", json=create, headers=headers, timeout=10)
     assert first.status_code == again.status_code == 200
     assert first.json()["request_id"] == again.json()["request_id"]
-    different = requests.post(stack.url + "/api/v1/create_model", json={**create, "lora_config": {"rank": 8}}, headers=headers, timeout=10)
+    different = requests.post(
+        stack.url + "/api/v1/create_model", json={**create, "lora_config": {"rank": 8}}, headers=headers, timeout=10
+    )
     assert different.status_code == 400 and "model_seq_id" in different.json()["error"]
 
 

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(Settings.from_env().vllm_venv)
 VLLM_PYTHON = VENV / "bin" / "python"
 # The two whole-stack cases (an HF trainer, a vLLM sampler, the API) need about 8 GB and both cores for minutes; on a
-# shared 2-core machine under other load vLLM's engine process was seen to die. Opt in with TINKERBELL_TEST_VLLM_STACK=1.
+# shared 2-core machine under other load vLLM's engine process was seen to die. Opt in with
+# TINKERBELL_TEST_VLLM_STACK=1.
 needs_vllm_stack = pytest.mark.skipif(
     os.environ.get("TINKERBELL_TEST_VLLM_STACK") != "1",
     reason="whole-stack vLLM cases are opt-in: TINKERBELL_TEST_VLLM_STACK=1 (scripts/gpu_check_sampling.sh sets it)",
@@ -92,7 +93,9 @@ class VLLMProcess:
                 out.append(result)
         return out
 
-    def sample(self, adapter: str | None, prompt: list[int], spec: SamplingSpec, num_samples: int = 1, **kw: Any) -> SampleResult:
+    def sample(
+        self, adapter: str | None, prompt: list[int], spec: SamplingSpec, num_samples: int = 1, **kw: Any
+    ) -> SampleResult:
         [result] = self.sample_batch([SampleRequest(SMOL, adapter, prompt, spec, num_samples, **kw)])
         if isinstance(result, Exception):
             raise result
@@ -116,7 +119,9 @@ def _seq(data: dict[str, Any]) -> Any:
 @pytest.fixture(scope="module")
 def smol_settings(models_dir, tmp_path_factory) -> Settings:
     share_converted_model(SMOL, models_dir)
-    return Settings(models_dir=str(models_dir), data_dir=str(tmp_path_factory.mktemp("vllm-data")), device="cpu", dtype="float32")
+    return Settings(
+        models_dir=str(models_dir), data_dir=str(tmp_path_factory.mktemp("vllm-data")), device="cpu", dtype="float32"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +178,9 @@ def _train(trainer: Any, model_id: str, target: list[int], steps: int, lr: float
         trainer.optim_step(model_id, AdamSpec(learning_rate=lr))
 
 
-def _hf(hf: Any, adapter: str | None, prompt: list[int], spec: SamplingSpec, num_samples: int = 1, **kw: Any) -> SampleResult:
+def _hf(
+    hf: Any, adapter: str | None, prompt: list[int], spec: SamplingSpec, num_samples: int = 1, **kw: Any
+) -> SampleResult:
     return hf.sample(SMOL, adapter, prompt, spec, num_samples, **kw)
 
 
@@ -199,7 +206,9 @@ def test_greedy_tokens_and_logprobs_equal_the_hf_backend_for_base_and_trained_ad
 @needs_vllm
 def test_four_adapters_in_one_batch_each_return_their_own_output(vllm, hf, trained):
     _, dirs = trained
-    requests = [SampleRequest(SMOL, d, PROMPTS[0], GREEDY) for d in dirs] + [SampleRequest(SMOL, None, PROMPTS[0], GREEDY)]
+    requests = [SampleRequest(SMOL, d, PROMPTS[0], GREEDY) for d in dirs] + [
+        SampleRequest(SMOL, None, PROMPTS[0], GREEDY)
+    ]
     results = vllm.sample_batch(requests)
     assert vllm.last_batch == {"requests": 5, "vllm_rows": 5, "hf_rows": 0}
     tokens = [r.sequences[0].tokens for r in results]
@@ -250,7 +259,10 @@ def test_stop_strings_stop_ids_eos_seeds_and_num_samples_behave_as_on_hf(vllm, h
     assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences] != [s.tokens for s in c.sequences]
     assert len({tuple(s.tokens) for s in a.sequences}) > 1, "each of the n samples draws its own tokens"
     top1 = vllm.sample(None, PROMPTS[1], SamplingSpec(max_tokens=6, temperature=1.0, top_k=1, seed=5, stop=[]))
-    assert top1.sequences[0].tokens == _hf(hf, None, PROMPTS[1], SamplingSpec(max_tokens=6, temperature=0.0, stop=[])).sequences[0].tokens
+    assert (
+        top1.sequences[0].tokens
+        == _hf(hf, None, PROMPTS[1], SamplingSpec(max_tokens=6, temperature=0.0, stop=[])).sequences[0].tokens
+    )
 
 
 @needs_vllm
@@ -321,7 +333,13 @@ def test_a_vllm_sampling_worker_without_vllm_fails_at_start_saying_how_to_instal
 def split_stack(make_stack, tmp_path_factory):
     stack = make_stack(0, {"TINKERBELL_AUTH": "off"}, base_model=SMOL)
     stack.start_worker("train0", args=["--role", "train"])
-    stack.start_worker("vllm0", python=str(VLLM_PYTHON), args=["--role", "sample"], env={**VLLM_ENV, "TINKERBELL_SAMPLING_BACKEND": "vllm"}, timeout=300)
+    stack.start_worker(
+        "vllm0",
+        python=str(VLLM_PYTHON),
+        args=["--role", "sample"],
+        env={**VLLM_ENV, "TINKERBELL_SAMPLING_BACKEND": "vllm"},
+        timeout=300,
+    )
     log = stack.data_dir / "worker-vllm0.log"
     deadline = time.monotonic() + 300
     while "worker vllm0 ready" not in log.read_text():  # its engine is up and sample.<model> consumed
@@ -342,7 +360,10 @@ def test_sdk_sampling_and_compute_logprobs_on_a_vllm_worker_with_a_separate_hf_t
     service = tinker.ServiceClient(base_url=split_stack.url, api_key="tml-vllm-tests")
     tc = service.create_lora_training_client(SMOL, rank=8, seed=0).result(timeout=300)
     tokens = PROMPTS[0] + TARGETS[0]
-    datum = tinker.Datum(model_input=tinker.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * 8 + [1.0] * 3})
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * 8 + [1.0] * 3},
+    )
     for _ in range(6):
         tc.forward_backward([datum], "cross_entropy").result(timeout=120)
         tc.optim_step(types.AdamParams(learning_rate=3e-2)).result(timeout=120)
@@ -353,7 +374,10 @@ def test_sdk_sampling_and_compute_logprobs_on_a_vllm_worker_with_a_separate_hf_t
     [saved] = sorted(split_stack.data_dir.rglob("adapter_model.safetensors"), key=lambda p: p.stat().st_mtime)[-1:]
     expected = _hf(hf, str(saved.parent), PROMPTS[0], SamplingSpec(max_tokens=6, temperature=0.0))
     assert list(result.sequences[0].tokens) == expected.sequences[0].tokens
-    assert list(result.sequences[0].tokens) != _hf(hf, None, PROMPTS[0], SamplingSpec(max_tokens=6, temperature=0.0)).sequences[0].tokens
+    assert (
+        list(result.sequences[0].tokens)
+        != _hf(hf, None, PROMPTS[0], SamplingSpec(max_tokens=6, temperature=0.0)).sequences[0].tokens
+    )
     np.testing.assert_allclose(result.sequences[0].logprobs, expected.sequences[0].logprobs, atol=1e-2)
     prompt_lps = sampler.compute_logprobs(tinker.ModelInput.from_ints(tokens)).result(timeout=120)
     forward = tc.forward([datum], "cross_entropy").result(timeout=120).loss_fn_outputs[0]["logprobs"].tolist()

@@ -51,7 +51,9 @@ def _build(family: str, dest_dir: str | os.PathLike[str], tokenizer_source: Path
     tokenizer = AutoTokenizer.from_pretrained(str(dest))
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     bos = tokenizer.convert_tokens_to_ids(tokenizer.bos_token) if tokenizer.bos_token else eos
-    config_class, model_class = (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    config_class, model_class = (
+        (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    )
     fields = dict(TINY_QWEN3_CONFIG)
     if family == "qwen2":
         del fields["head_dim"]  # Qwen2: hidden_size / num_attention_heads (also 8)
