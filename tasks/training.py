@@ -7,6 +7,7 @@ and returns plain data (arrays as bytes). A re-delivered request never trains tw
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -47,14 +48,13 @@ def _ordered(
     tokens: int = 0,
     before: Callable[[], None] | None = None,
     after: Callable[[Any], dict[str, Any]] | None = None,
-    leaves_autosave_running: bool = False,
 ) -> dict[str, Any]:
     """Run one request of an adapter on the engine, in seq_id order, at most once per (model_id, seq_id).
 
     A message redelivered after its result was stored is skipped by Celery itself (worker_deduplicate_successful_
-    tasks); one applied but without a result fails. The adapter's background autosave (started by the optim_step
-    before) overlaps the request, and is finished before this request's result is published: once any later
-    result is visible, the step is on disk.
+    tasks); one applied but without a result fails. The adapter's background autosave (started by an optim_step,
+    create or load) runs off the engine thread and is finished before this request's result is published: once a
+    result is visible, the state it produced is on disk.
     """
 
     def check() -> None:  # on the engine thread, just before the request runs
@@ -75,17 +75,20 @@ def _ordered(
         return value
 
     value = runtime.engine.run(Work(kind, payload, model_id, seq_id, tokens, check, done))
-    if not leaves_autosave_running:
-        autosaver.wait(model_id)
+    autosaver.wait(model_id)  # on this pool thread: the engine goes on with other requests meanwhile
     return value
 
 
-def _write_autosave(model_id: str) -> None:
+AUTOSAVE_INFO = "tinkerbell-autosave.json"
+
+
+def _write_autosave(model_id: str, seq_id: int | None) -> None:
     target = autosave_dir(model_id)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     runtime.training.save_state(model_id, str(tmp), True)
+    (tmp / AUTOSAVE_INFO).write_text(json.dumps({"seq_id": seq_id, "time": time.time()}))  # the request it includes
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # a crash mid-write leaves the previous autosave whole
 
@@ -102,18 +105,19 @@ class Autosaver:
         self._errors: dict[str, BaseException] = {}
         self._lock = threading.Lock()  # start() runs on the engine thread, wait() on pool threads too
 
-    def start(self, model_id: str) -> None:
+    def start(self, model_id: str, seq_id: int | None = None) -> None:
+        """Write the adapter's state as it is now (after request seq_id, when one changed it) in the background."""
         if not runtime.settings.autosave:
             return
         self.wait(model_id)
-        thread = threading.Thread(target=self._run, args=(model_id,), name=f"autosave {model_id}")
+        thread = threading.Thread(target=self._run, args=(model_id, seq_id), name=f"autosave {model_id}")
         with self._lock:  # started before it is visible: wait() may join it from a pool thread at once
             thread.start()
             self._writes[model_id] = thread
 
-    def _run(self, model_id: str) -> None:
+    def _run(self, model_id: str, seq_id: int | None) -> None:
         try:
-            _write_autosave(model_id)
+            _write_autosave(model_id, seq_id)
         except Exception as exc:  # noqa: BLE001 - a thread must not die silently; wait() reports it on the task thread
             self._errors[model_id] = exc
 
@@ -257,12 +261,12 @@ def optim_step(model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -
 
     def after(metrics: dict[str, float]) -> dict[str, Any]:
         _gradients_applied(model_id)
-        autosaver.start(model_id)  # overlaps the next request; finished before that request's result is published
+        # The step is written in the background while the engine goes on; its result is published only once the
+        # write is done (_ordered waits), so a step the client saw succeed survives a crash (bench/autosave.py).
+        autosaver.start(model_id, seq_id)
         return {"metrics": metrics}
 
-    return _ordered(
-        model_id, seq_id, OPTIM, AdamSpec(**adam_params), before=before, after=after, leaves_autosave_running=True
-    )
+    return _ordered(model_id, seq_id, OPTIM, AdamSpec(**adam_params), before=before, after=after)
 
 
 def _gradients_applied(model_id: str) -> None:
@@ -347,7 +351,7 @@ def load_state(model_id: str, seq_id: int | None, directory: str, with_optimizer
             raise UserError(f"path: checkpoint '{path}' has no files (was it deleted?)")
         autosaver.wait(model_id)
         runtime.training.load_state(model_id, directory, with_optimizer)
-        autosaver.start(model_id)
+        autosaver.start(model_id, seq_id)
         return {"path": path, "model_id": model_id}
 
     load.__name__ = "load_state"

@@ -53,6 +53,27 @@ def test_restarted_worker_restores_its_adapters_from_autosave(make_stack):
     assert abs(after - before) < 1e-5
 
 
+def test_a_step_the_client_saw_succeed_survives_a_sigkill_right_after_its_result(make_stack):
+    """The optim_step's result is published only once its autosave is on disk: killed the moment the result is
+    seen, the restarted adapter has that step (equal to one that never crashed), not the state before it."""
+    import json
+
+    stack = make_stack(1, {"TINKERBELL_AUTH": "off"})
+    tb = TinkerbellClient(stack.url, api_key="tml-x")
+    crashed, reference = (tb.add_lora(rank=4, seed=2).result(120)["model_id"] for _ in range(2))
+    datum = make_datum(4)
+    for model_id in (reference, crashed):  # the crashed adapter's last optim_step is the last request it sees
+        for _ in range(3):
+            tb.forward_backward(model_id, [datum]).result(60)
+            tb.optim_step(model_id, learning_rate=1e-2).result(60)
+    info = json.loads((stack.data_dir / "autosave" / crashed / "tinkerbell-autosave.json").read_text())
+    stack.stop_worker("w0", signal.SIGKILL)
+    assert info["seq_id"] == 6, info  # create is not numbered; 3 x (forward_backward, optim_step)
+    stack.start_worker("w0")
+    losses = [tb.forward(m, [datum]).result(60)["metrics"]["loss:sum"] for m in (crashed, reference)]
+    assert abs(losses[0] - losses[1]) < 1e-6
+
+
 def test_requests_in_flight_when_a_worker_is_killed_run_when_it_restarts(make_stack):
     """A worker killed mid-task: its unacked request goes back to the front of the adapter's queue when the worker
     starts again (not after the broker's hour-long visibility timeout), and runs before the requests behind it."""
