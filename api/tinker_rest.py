@@ -224,8 +224,8 @@ def download(target: str):
         raise NotFound("download: no such file")
     run_id, kind, name, relpath = parts
     record = registry().checkpoint(run_id, f"{kind}/{name}")
-    if record is None:
-        raise NotFound("download: the checkpoint was deleted")
+    if record is None or (record.get("expires_at") and record["expires_at"] <= time.time()):
+        raise NotFound("download: the checkpoint was deleted or has expired")
     directory = Path(record["dir"]).resolve()
     path = (directory / relpath).resolve()
     if not path.is_relative_to(directory) or not path.is_file():

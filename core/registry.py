@@ -475,7 +475,28 @@ class Registry:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def add_checkpoint(self, model_id: str, checkpoint: dict[str, Any]) -> None:
-        self.redis.hset(P + f"ckpt:{model_id}", checkpoint["checkpoint_id"], _dumps(checkpoint))
+        """Store (or update) a checkpoint record; one with expires_at is also indexed by it for the TTL sweep."""
+        member = f"{model_id}\x00{checkpoint['checkpoint_id']}"
+        pipe = self.redis.pipeline()
+        pipe.hset(P + f"ckpt:{model_id}", checkpoint["checkpoint_id"], _dumps(checkpoint))
+        if checkpoint.get("expires_at"):
+            pipe.zadd(P + "ckpt_expiry", {member: float(checkpoint["expires_at"])})
+        else:
+            pipe.zrem(P + "ckpt_expiry", member)
+        pipe.execute()
+
+    def claim_expired_checkpoints(self, now: float, limit: int = 100) -> list[tuple[str, dict[str, Any]]]:
+        """Checkpoints whose TTL has passed, each removed from the index by exactly one caller (ZREM decides who):
+        (model_id, record) pairs for the claimer to delete, files then record."""
+        claimed = []
+        for member in self.redis.zrangebyscore(P + "ckpt_expiry", "-inf", now, start=0, num=limit):
+            if not self.redis.zrem(P + "ckpt_expiry", member):
+                continue  # another worker took it
+            model_id, checkpoint_id = member.split("\x00", 1)
+            record = self.checkpoint(model_id, checkpoint_id)
+            if record is not None and record.get("expires_at") and record["expires_at"] <= now:
+                claimed.append((model_id, record))
+        return claimed
 
     def checkpoints(self, model_id: str) -> list[dict[str, Any]]:
         items = [json.loads(v) for v in self.redis.hvals(P + f"ckpt:{model_id}")]
@@ -487,7 +508,10 @@ class Registry:
         return json.loads(raw) if raw else None
 
     def delete_checkpoint(self, model_id: str, checkpoint_id: str) -> None:
-        self.redis.hdel(P + f"ckpt:{model_id}", checkpoint_id)
+        pipe = self.redis.pipeline()
+        pipe.hdel(P + f"ckpt:{model_id}", checkpoint_id)
+        pipe.zrem(P + "ckpt_expiry", f"{model_id}\x00{checkpoint_id}")
+        pipe.execute()
 
     # ---- samplers -------------------------------------------------------------------------
     def create_sampler(

@@ -11,9 +11,11 @@ import argparse
 import functools
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("tinkerbell.worker")
@@ -52,9 +54,20 @@ def _heartbeat_loop(stop: threading.Event) -> None:
                 "physical_device": runtime.settings.physical_device or runtime.settings.device,
             }
             runtime.registry.register_worker(runtime.name, info, ttl_s=3 * period)
+            _delete_expired_checkpoints()
         except Exception:  # Redis briefly away: keep beating
             log.exception("heartbeat failed")
         stop.wait(period)
+
+
+def _delete_expired_checkpoints() -> None:
+    """Checkpoints past their ttl_seconds: files first, then the record (every worker sweeps; each is claimed once)."""
+    from tasks.runtime import runtime
+
+    for model_id, record in runtime.registry.claim_expired_checkpoints(time.time()):
+        shutil.rmtree(record["dir"], ignore_errors=True)
+        runtime.registry.delete_checkpoint(model_id, record["checkpoint_id"])
+        log.info("deleted expired checkpoint %s of %s", record["checkpoint_id"], model_id)
 
 
 def _on_ready(sender: Any, **_: Any) -> None:

@@ -276,6 +276,29 @@ def test_external_weights_links_are_signed_and_expire(stack, service):
     assert requests.get(url.replace("sig=", "sig=0"), timeout=10).status_code == 403
 
 
+def test_a_checkpoint_past_its_ttl_is_deleted_files_and_record_and_no_longer_downloadable(stack, service):
+    import time
+    from pathlib import Path
+
+    tc = new_client(service, seed=7)
+    path = tc.save_weights_external("shortlived").result(timeout=60).path
+    rest = service.create_rest_client()
+    url = rest.get_external_weights_urls(path).result(timeout=30).urls["adapter_model.safetensors"]
+    assert requests.get(url, timeout=10).status_code == 200
+    record = stack.registry().checkpoint(tc.model_id, "external_weights/shortlived")
+    directory = Path(record["dir"])
+    assert directory.is_dir()
+    rest.set_checkpoint_ttl_from_tinker_path(path, 1).result(timeout=30)
+    deadline = time.monotonic() + 60  # a worker's heartbeat (1 s here) sweeps expired checkpoints
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not directory.exists(), "the expired checkpoint's files were never deleted"
+    assert stack.registry().checkpoint(tc.model_id, "external_weights/shortlived") is None
+    assert requests.get(url, timeout=10).status_code == 404
+    listed = rest.list_checkpoints(tc.model_id).result(timeout=30).checkpoints
+    assert "external_weights/shortlived" not in [c.checkpoint_id for c in listed]
+
+
 def _proto_fwdbwd(model_id: str, seq_id: int, datum: tinker.Datum) -> bytes:
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
