@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from backends.base import SampledSequence, SampleResult, SamplingSpec
 from backends.hf import LoadedBase
+from core.errors import UserError
 
 
 @dataclass
@@ -28,6 +30,7 @@ class GenJob:
     adapter: str | None
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    time_limit_s: float | None = None  # from the start of its loop; past it the job fails, the others go on
 
 
 @dataclass
@@ -178,9 +181,13 @@ def _choose(
     return chosen, chosen.tolist(), chosen_lp.tolist()
 
 
-def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult]:
-    """Decode every job's num_samples continuations in one loop. Callers hold base.lock and torch.no_grad()."""
+def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult | Exception]:
+    """Decode every job's num_samples continuations in one loop. Callers hold base.lock and torch.no_grad().
+    A job still decoding past its time_limit_s gets a UserError in its slot; its rows leave the batch."""
     device, forward = base.device, _Forward(base)
+    started = time.monotonic()
+    deadlines = [started + job.time_limit_s if job.time_limit_s else None for job in jobs]
+    timed_out: set[int] = set()
     lengths = [len(job.prompt) for job in jobs]
     width = max(lengths)
     pad = base.eos_ids[0] if base.eos_ids else 0  # any in-vocabulary id: padded keys are masked out
@@ -215,6 +222,7 @@ def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult]:
             generators[j] = torch.Generator().manual_seed(seed)
     while active:
         chosen, tokens, chosen_lp = _choose(next_logits, [rows[r].job for r in active], jobs, generators)  # (R,)
+        now = time.monotonic()
         stay = []
         for b, r in enumerate(active):
             row = rows[r]
@@ -223,7 +231,11 @@ def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult]:
             if stops[row.job](row.tokens):
                 row.reason = "stop"
             elif len(row.tokens) < jobs[row.job].spec.max_tokens:
-                stay.append(b)
+                deadline = deadlines[row.job]
+                if deadline is not None and now > deadline:
+                    timed_out.add(row.job)  # not finished in time: the job fails, its rows leave
+                else:
+                    stay.append(b)
         if not stay:
             break
         if len(stay) < len(active):  # finished rows leave the batch and the KV cache
@@ -239,4 +251,10 @@ def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult]:
     for row in rows:
         sequence = SampledSequence(tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.reason)
         results[row.job].sequences.append(sequence)
-    return results
+    out: list[SampleResult | Exception] = list(results)
+    for j in timed_out:
+        out[j] = UserError(
+            f"sample: still decoding after {jobs[j].time_limit_s:g} s, the worker's limit "
+            f"(TINKERBELL_SAMPLE_TIME_LIMIT_S); ask for fewer num_samples or max_tokens, or split the request"
+        )
+    return out

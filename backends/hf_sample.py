@@ -104,7 +104,8 @@ class HFSamplingBackend:
         spec = validate(prompt, request.params, request.num_samples, request.topk_prompt_logprobs, base)
         adapter = self._adapter(base, request.adapter_dir) if request.adapter_dir else None
         want_lp, topk = bool(request.prompt_logprobs), request.topk_prompt_logprobs
-        return GenJob(prompt, spec, request.num_samples, adapter, want_lp, topk)
+        limit = self.settings.sample_time_limit_s
+        return GenJob(prompt, spec, request.num_samples, adapter, want_lp, topk, limit)
 
     def sample_batch(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]:
         """Decode the requests together, one group per base model, each group in loops of at most engine_sample_rows

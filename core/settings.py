@@ -220,6 +220,14 @@ class Settings:
             "help": "Most sequences (requests x num_samples) one batched generation decodes together.",
         },
     )
+    sample_time_limit_s: float = field(
+        default=900.0,
+        metadata={
+            "env": "TINKERBELL_SAMPLE_TIME_LIMIT_S",
+            "help": "A sample request still decoding after this long fails with a message naming this setting; "
+            "the other requests in its generation loop go on.",
+        },
+    )
     tensor_parallel: int = field(
         default=1,
         metadata={

@@ -248,3 +248,22 @@ def test_requests_for_different_base_models_are_decoded_per_model(sampler):
         assert_same(result, solo(sampler, request))
     for k in range(0, 6, 2):  # same weights under two names: same numbers
         assert_same(results[k], results[k + 1])
+
+
+def test_a_request_past_the_sample_time_limit_fails_alone_with_the_setting_named(settings, adapters):
+    """A request still decoding past TINKERBELL_SAMPLE_TIME_LIMIT_S leaves the loop with an error; one that finished
+    within it (here: its only token is the first step) keeps its tokens, equal to its run without a limit."""
+    from backends.hf_sample import HFSamplingBackend
+
+    short = SampleRequest(
+        TINY_MODEL_NAME, adapters[1], PROMPTS[0], SamplingSpec(max_tokens=1, temperature=0.0, stop=[])
+    )
+    long = SampleRequest(
+        TINY_MODEL_NAME, adapters[2], PROMPTS[1], SamplingSpec(max_tokens=64, temperature=0.0, stop=[])
+    )
+    limited = HFSamplingBackend(dataclasses.replace(settings, sample_time_limit_s=1e-9))
+    results = limited.sample_batch([long, short])
+    assert isinstance(results[0], UserError) and "TINKERBELL_SAMPLE_TIME_LIMIT_S" in str(results[0])
+    unlimited = HFSamplingBackend(settings)
+    assert_same(results[1], solo(unlimited, short))
+    assert len(solo(unlimited, long).sequences[0].tokens) == 64  # without the limit it runs to max_tokens
