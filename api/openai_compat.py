@@ -212,6 +212,18 @@ def _wants_usage(payload: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
+@bp.get("/models")
+def models():
+    """The served base models; a tinker:// sampler path is a model too, but listing checkpoints is the SDK's job."""
+    return jsonify(
+        object="list",
+        data=[
+            {"id": name, "object": "model", "created": 0, "owned_by": "tinkerbell"}
+            for name in service().supported_models()
+        ],
+    )
+
+
 # ---- /v1/completions -----------------------------------------------------------------------------------------
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -3,7 +3,10 @@ the same tokens as the Tinker SDK's sample route, the model's own chat template,
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import openai
 import psutil
@@ -12,7 +15,7 @@ import tinker
 from tinker import types
 from transformers import AutoTokenizer
 
-from tests.stackutil import TINY_MODEL
+from tests.stackutil import ROOT, TINY_MODEL
 
 os.environ["TINKER_TELEMETRY"] = "0"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -171,3 +174,45 @@ def test_the_api_process_never_loads_torch_while_serving_openai(deployment):
     api = psutil.Process(deployment["stack"].procs["api"].pid)
     for process in [api, *api.children(recursive=True)]:
         assert not loads_torch(process), process.cmdline()
+
+
+def test_models_lists_the_served_base_models(deployment):
+    assert TINY_MODEL in [m.id for m in deployment["openai"].models.list()]
+
+
+# ---- the real default model: the packaged GGUF's tokenizer, extracted without torch in the API process ---------
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EXTRACT = """
+import json, sys
+from api.text_tokenizer import text_tokenizer
+from core.settings import Settings
+tokenizer = text_tokenizer(sys.argv[1], Settings(data_dir=sys.argv[2], models_dir=""))
+ids = tokenizer.apply_chat_template(json.loads(sys.argv[3]))
+print(json.dumps({"ids": ids, "torch": "torch" in sys.modules or "transformers" in sys.modules}))
+"""
+
+
+def test_a_packaged_models_tokenizer_is_extracted_in_a_child_and_matches_transformers(tmp_path):
+    from tests.tiny_model import smollm2_tokenizer_dir
+
+    run = subprocess.run(
+        [sys.executable, "-c", EXTRACT, SMOL, str(tmp_path), json.dumps(QUESTION)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    want = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir())).apply_chat_template(
+        QUESTION, add_generation_prompt=True, tokenize=True
+    )["input_ids"]
+    assert report == {"ids": list(want), "torch": False}
+
+
+@pytest.mark.smollm2
+def test_the_openai_client_asks_smollm2_the_capital_of_france(make_stack):
+    stack = make_stack(1, {"TINKERBELL_AUTH": "off"}, base_model=SMOL)
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="tml-x", max_retries=0)
+    reply = client.chat.completions.create(model=SMOL, messages=QUESTION, max_tokens=12, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
