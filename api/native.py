@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from api import validate
+from api import limits, validate
 from api.auth import public
 from api.datums import check_tokens
 from api.futures import PENDING, error_body
@@ -19,6 +20,9 @@ from core.errors import UserError
 from core.wire import encode_array
 
 bp = Blueprint("native", __name__)
+# App-wide (every face, registered with this first blueprint): no body past TINKERBELL_MAX_BODY_BYTES is read.
+bp.before_app_request(limits.limit_body)
+bp.app_errorhandler(RequestEntityTooLarge)(limits.answer_too_large)
 MAX_POLL_S = 60.0  # a native long-poll holds its thread at most this long, whatever timeout it asks for
 
 

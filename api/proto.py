@@ -21,6 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from api.datums import checked_datum, dense, dense_from_csr
+from api.limits import body_too_large
 from core.errors import UserError
 from core.wire import TOPK_EMPTY, decode_array, decode_topk
 
@@ -42,7 +43,6 @@ def _sdk_proto_module() -> ModuleType:
 pb: Any = _sdk_proto_module()
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
-MAX_BODY_BYTES = 1 << 30  # a decompressed fwd/bwd body larger than this is refused, not buffered
 
 _NP_OF = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_INT64: np.dtype("<i8"), pb.DTYPE_INT32: np.dtype("<i4")}
 _PB_OF = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64, "int32": pb.DTYPE_INT32}
@@ -50,8 +50,9 @@ VALID_REDUCTIONS = ("mean", "sum", "min", "max", "slack", "hash2", "unique")
 _TOPK_EMPTY_LOGPROB = -99999.0
 
 
-def decompress(body: bytes, content_encoding: str | None) -> bytes:
-    """Undo `Content-Encoding: zstd` (the SDK sends it when client/config says proto_compress_fwdbwd)."""
+def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """Undo `Content-Encoding: zstd` (the SDK sends it when client/config says proto_compress_fwdbwd). A body that
+    would grow past `limit` bytes (TINKERBELL_MAX_BODY_BYTES) is refused after reading limit + 1 of them."""
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -61,11 +62,11 @@ def decompress(body: bytes, content_encoding: str | None) -> bytes:
 
     try:
         with zstandard.ZstdDecompressor().stream_reader(body) as reader:
-            out = reader.read(MAX_BODY_BYTES + 1)
+            out = reader.read(limit + 1)
     except zstandard.ZstdError as exc:
         raise UserError(f"body: not valid zstd ({exc})") from None
-    if len(out) > MAX_BODY_BYTES:
-        raise UserError(f"body: larger than {MAX_BODY_BYTES} bytes after decompression")
+    if len(out) > limit:
+        raise body_too_large("request body after zstd decompression", limit)
     return out
 
 

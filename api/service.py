@@ -20,7 +20,7 @@ import msgpack
 from celery import Celery
 from celery.backends.redis import RedisBackend
 
-from api import validate
+from api import limits, validate
 from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
@@ -163,9 +163,8 @@ class Service:
 
     def release_stalled(self, model_id: str) -> None:
         """Requests held behind a seq_id that never came (a client gave up on it) run without it after a timeout."""
-        for seq_id in self.registry.stalled_gap(model_id, self.settings.seq_gap_timeout_s):
-            expired = f"{EXPIRED}{uuid.uuid4()}"
-            _, ready = self.registry.submit(model_id, seq_id, expired, "", adapter_queue(model_id), None)
+        ready = self.registry.release_gap(model_id, self.settings.seq_gap_timeout_s, adapter_queue(model_id))
+        if ready:
             self._send(ready)
 
     def is_builtin_loss(self, name: str) -> bool:
@@ -284,6 +283,7 @@ class Service:
         """data: wire datums (core.wire.encode_datum), checked by the caller (api.datums.check_datum)."""
         if not data:
             raise UserError("data: empty batch; send at least one datum")
+        limits.check_batch(self.settings, data)
         if not isinstance(loss_fn, str) or not loss_fn:
             raise UserError("loss_fn: must be a loss name")
         loss_fn_config = validate.plain(validate.mapping(loss_fn_config, "loss_fn_config"), "loss_fn_config")
@@ -345,10 +345,10 @@ class Service:
     ) -> str:
         if name is None:
             name = f"{kind}-{int(time.time() * 1000)}"
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or not name.strip("."):
             raise UserError(
-                f"path: checkpoint name {name!r:.80} must be 1-128 of letters, digits, '.', '_' or '-' (a name, not "
-                "a tinker:// path)"
+                f"path: checkpoint name {name!r:.80} must be 1-128 of letters, digits, '.', '_' or '-', not only dots "
+                "(a name, not a tinker:// path; no '/', NUL or '..')"
             )
         ttl_seconds = validate.ttl_seconds(ttl_seconds)
         kwargs = {
@@ -434,6 +434,7 @@ class Service:
         num_samples = validate.integer(num_samples, "num_samples", 1, MAX_SAMPLES)
         prompt_logprobs = validate.boolean(prompt_logprobs, "prompt_logprobs")
         topk = validate.optional_integer(topk_prompt_logprobs, "topk_prompt_logprobs", 0, MAX_TOPK) or 0
+        limits.check_sample(self.settings, int(prompt["shape"][0]), num_samples, spec.max_tokens)
         request_id = str(uuid.uuid4())
         kwargs = {
             "base_model": base_model,

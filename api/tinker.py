@@ -179,7 +179,8 @@ def forward_backward():
     """Body: tinker_public.ForwardBackwardRequest (zstd when client/config says so); JSON is accepted too."""
     if request.mimetype == "application/json":
         return _forward_backward_json(body())
-    raw = proto.decompress(request.get_data(cache=False), request.headers.get("Content-Encoding"))
+    limit = current_app.config["SETTINGS"].max_body_bytes
+    raw = proto.decompress(request.get_data(cache=False), request.headers.get("Content-Encoding"), limit)
     msg = proto.parse_forward_backward(raw)
     seq_id = validate.seq_id(msg.seq_id)
     with _refusal_uses_seq(msg.model_id, seq_id):

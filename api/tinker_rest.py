@@ -20,6 +20,7 @@ from flask import Blueprint, current_app, g, jsonify, request, send_file
 
 from api import validate
 from api.auth import public
+from api.jsonwire import body
 from core.errors import NotFound, UserError
 from core.registry import Registry
 
@@ -159,9 +160,12 @@ def publish_checkpoint(run_id: str, checkpoint_id: str):
 
 @rest_bp.put("/training_runs/<run_id>/checkpoints/<path:checkpoint_id>/ttl")
 def set_checkpoint_ttl(run_id: str, checkpoint_id: str):
+    """Body {"ttl_seconds": seconds, or null to keep it forever}; any other body is refused, never read as null."""
+    payload = body()
+    if "ttl_seconds" not in payload:
+        raise UserError('body: must be {"ttl_seconds": <seconds> | null}')
+    ttl = validate.ttl_seconds(payload["ttl_seconds"])
     record = owned_checkpoint(run_id, checkpoint_id)
-    payload = request.get_json(force=True, silent=True)
-    ttl = validate.ttl_seconds(payload.get("ttl_seconds") if isinstance(payload, dict) else None)
     record["expires_at"] = time.time() + ttl if ttl else None
     registry().add_checkpoint(run_id, record)
     return jsonify(checkpoint_json(record))

@@ -139,8 +139,10 @@ def adam_spec(values: Any) -> AdamSpec:
         raise UserError(f"adam_params.learning_rate: must be positive, got {spec.learning_rate}")
     if not (0 <= spec.beta1 < 1 and 0 <= spec.beta2 < 1):
         raise UserError("adam_params.beta1/beta2: must be in [0, 1)")
-    if spec.eps < 0 or spec.weight_decay < 0 or spec.grad_clip_norm < 0:
-        raise UserError("adam_params: eps, weight_decay and grad_clip_norm must not be negative")
+    if not spec.eps > 0:
+        raise UserError(f"adam_params.eps: must be positive (it divides the step), got {spec.eps}")
+    if spec.weight_decay < 0 or spec.grad_clip_norm < 0:
+        raise UserError("adam_params: weight_decay and grad_clip_norm must not be negative")
     return spec
 
 

@@ -66,7 +66,9 @@ OUTBOX_GRACE_S = 10.0
 #       10 pending-futures cap.
 # Returns {request id to answer with, status, then request id and message of each request now ready, in seq_id
 # order (the message is '' for this call's own request: the caller has it)}; status 1: admitted, 0: a seq_id seen
-# before (it answers with its first id), -1: the model is not the owner's (or was removed).
+# before (it answers with its first id), -1: the model is not the owner's (or was removed), 2: a seq_id below the
+# next expected that was never admitted: a gap the model stopped waiting for (_RELEASE_GAP_LUA), answered
+# 'expired-<request id>'.
 _SUBMIT_LUA = (
     _FUTURE_LUA
     + """
@@ -77,6 +79,7 @@ end
 local seq = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], seq)
 if existing then return {existing, 0} end
+if tonumber(seq) < tonumber(redis.call('GET', KEYS[4]) or '1') then return {'expired-' .. ARGV[2], 2} end
 redis.call('HSET', KEYS[1], seq, ARGV[2])
 redis.call('ZADD', KEYS[2], seq, seq)
 if ARGV[7] ~= '' then
@@ -104,6 +107,39 @@ if nxt > first then redis.call('DEL', KEYS[5]) else redis.call('HSETNX', KEYS[5]
 return out
 """
 )
+
+# Give up on a model's missing seq_ids: when requests have been held longer than a cutoff, the next expected seq_id
+# jumps to the first held one (whatever the gap's size: nothing is written per missing id; one that comes later is
+# answered as expired by _SUBMIT_LUA) and the held run behind it is released into the outbox, in seq_id order.
+# KEYS: 1 ids hash, 2 admitted zset, 3 pending hash, 4 next seq counter, 5 held-since hash, 6 outbox, 7 its due zset.
+# ARGV: 1 cutoff (held since before it: stalled), 2 now, 3 queue. Returns request id, message, ... of those released.
+_RELEASE_GAP_LUA = """
+local since = redis.call('HGET', KEYS[5], 't')
+if not since or tonumber(since) > tonumber(ARGV[1]) then return {} end
+local first = redis.call('ZRANGEBYSCORE', KEYS[2], redis.call('GET', KEYS[4]) or '1', '+inf', 'LIMIT', 0, 1)
+if not first[1] then
+  redis.call('DEL', KEYS[5])
+  return {}
+end
+local nxt = tonumber(first[1])
+local out = {}
+while true do
+  local raw = redis.call('HGET', KEYS[3], tostring(nxt))
+  if not raw then break end
+  redis.call('HDEL', KEYS[3], tostring(nxt))
+  if raw ~= '' then
+    local request_id = redis.call('HGET', KEYS[1], tostring(nxt))
+    redis.call('HSET', KEYS[6], request_id, cjson.encode({ARGV[3], raw}))
+    redis.call('ZADD', KEYS[7], ARGV[2], request_id)
+    table.insert(out, request_id)
+    table.insert(out, raw)
+  end
+  nxt = nxt + 1
+end
+redis.call('SET', KEYS[4], nxt)
+if redis.call('HLEN', KEYS[3]) > 0 then redis.call('HSET', KEYS[5], 't', ARGV[2]) else redis.call('DEL', KEYS[5]) end
+return out
+"""
 
 # A request that needs no ordering (create an adapter, sample): record its future and put it in the outbox.
 # KEYS: 1 the future's hash, 2 pending-futures zset, 3 the outbox hash, 4 the outbox's due zset.
@@ -448,17 +484,17 @@ class Registry:
             raise NotFound(f"model_id: no such model '{model_id}'")
         return seq
 
-    def stalled_gap(self, model_id: str, older_than_s: float) -> list[int]:
-        """seq_ids missing in front of requests held longer than older_than_s (empty when nothing is stalled)."""
+    def release_gap(self, model_id: str, older_than_s: float, queue: str) -> list[Outgoing]:
+        """When the model's requests have been held longer than older_than_s behind missing seq_ids, stop waiting for
+        those (in O(1), whatever the gap's size) and return the requests that run now (in the outbox: publish each,
+        then `mark_published`). A missing seq_id that arrives later is answered 'expired-…' by `submit`."""
         base = P + f"seq:{model_id}"
-        since = self.redis.hget(base + ":held_since", "t")
-        if since is None or time.time() - float(since) < older_than_s:
-            return []
-        held = [int(k) for k in self.redis.hkeys(base + ":pending")]
-        if not held:
-            return []
-        nxt = int(self.redis.get(base + ":next") or 1)
-        return list(range(nxt, min(held)))
+        keys = [base + ":ids", base + ":admitted", base + ":pending", base + ":next", base + ":held_since"]
+        now = time.time()
+        flat = self._script("_release_gap", _RELEASE_GAP_LUA)(
+            keys=[*keys, OUTBOX, OUTBOX_DUE], args=[now - older_than_s, now, queue]
+        )
+        return [Outgoing(rid, queue, message) for rid, message in zip(flat[::2], flat[1::2])]
 
     def admitted_between(self, model_id: str, after: int, before: int) -> dict[int, str]:
         """seq_id -> request id of the model's requests admitted with after < seq_id < before (workers' engine)."""

@@ -228,6 +228,50 @@ class Settings:
             "the other requests in its generation loop go on.",
         },
     )
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={
+            "env": "TINKERBELL_MAX_BODY_BYTES",
+            "help": "Largest request body the API reads, and the largest a zstd body may grow to when decompressed; "
+            "a larger one is refused with 413.",
+        },
+    )
+    max_datum_tokens: int = field(
+        default=32768,
+        metadata={
+            "env": "TINKERBELL_MAX_DATUM_TOKENS",
+            "help": "Most tokens in one datum's model_input; a longer one is refused by the API.",
+        },
+    )
+    max_request_datums: int = field(
+        default=1024,
+        metadata={
+            "env": "TINKERBELL_MAX_REQUEST_DATUMS",
+            "help": "Most datums in one forward/forward_backward request (the SDK sends chunks of at most 1024).",
+        },
+    )
+    max_request_tokens: int = field(
+        default=1048576,
+        metadata={
+            "env": "TINKERBELL_MAX_REQUEST_TOKENS",
+            "help": "Most model_input tokens over all datums of one forward/forward_backward request.",
+        },
+    )
+    max_num_samples: int = field(
+        default=128,
+        metadata={"env": "TINKERBELL_MAX_NUM_SAMPLES", "help": "Most sequences one sample request may ask for."},
+    )
+    max_sample_tokens: int = field(
+        default=8192,
+        metadata={
+            "env": "TINKERBELL_MAX_SAMPLE_TOKENS",
+            "help": "Largest sampling_params.max_tokens (tokens generated per sequence) a sample request may ask for.",
+        },
+    )
+    max_prompt_tokens: int = field(
+        default=32768,
+        metadata={"env": "TINKERBELL_MAX_PROMPT_TOKENS", "help": "Most tokens in one sample request's prompt."},
+    )
     tensor_parallel: int = field(
         default=1,
         metadata={
