@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,72 +184,103 @@ def _choose(
 
 
 def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult | Exception]:
-    """Decode every job's num_samples continuations in one loop. Callers hold base.lock and torch.no_grad().
-    A job still decoding past its time_limit_s gets a UserError in its slot; its rows leave the batch."""
-    device, forward = base.device, _Forward(base)
-    started = time.monotonic()
-    deadlines = [started + job.time_limit_s if job.time_limit_s else None for job in jobs]
-    timed_out: set[int] = set()
-    lengths = [len(job.prompt) for job in jobs]
-    width = max(lengths)
-    pad = base.eos_ids[0] if base.eos_ids else 0  # any in-vocabulary id: padded keys are masked out
-    ids = torch.full((len(jobs), width), pad, dtype=torch.int64)  # (J, P), left-padded
-    mask = torch.zeros((len(jobs), width), dtype=torch.int64)  # (J, P), 1 on real tokens
-    for j, job in enumerate(jobs):
-        ids[j, width - lengths[j] :] = torch.tensor(job.prompt, dtype=torch.int64)
-        mask[j, width - lengths[j] :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (J, P): each row counts from its first real token
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    want_all = any(job.prompt_logprobs or job.topk_prompt_logprobs for job in jobs)
-    adapters = [job.adapter for job in jobs]
-    logits, cache = forward(adapters, ids, mask, positions, None, last_only=not want_all)  # (J, P or 1, V)
-    results = _prompt_results(logits, jobs, width) if want_all else [SampleResult(sequences=[]) for _ in jobs]
-    next_logits = logits[:, -1].float()  # (J, V)
-    del logits
+    """Decode every job's num_samples continuations in one loop, to the end (see generate_steps)."""
+    return drain(generate_steps(base, jobs))
 
-    rows = [_Row(job=j) for j, job in enumerate(jobs) for _ in range(job.num_samples)]
-    active = [r for r, row in enumerate(rows) if jobs[row.job].spec.max_tokens > 0]  # batch position -> row
-    if active:
-        # The n samples of a job share its prompt's KV cache; jobs with max_tokens 0 leave before the first step.
-        select = torch.tensor([rows[r].job for r in active], device=device)  # (R,)
-        if len(active) != len(jobs) or any(rows[r].job != b for b, r in enumerate(active)):
-            cache.batch_select_indices(select)
-            mask, next_logits = mask[select], next_logits[select]  # (R, P), (R, V)
-        lengths_now = torch.tensor([lengths[rows[r].job] for r in active], device=device)  # (R,) next position per row
-    stops = [StopChecker(job.spec.stop, base) for job in jobs]
-    generators: dict[int, torch.Generator] = {}
-    for j, job in enumerate(jobs):
-        if job.spec.temperature != 0:
-            seed = job.spec.seed if job.spec.seed is not None else secrets.randbits(63)
-            generators[j] = torch.Generator().manual_seed(seed)
+
+def drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a stepping generator to its end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@contextmanager
+def _step(base: LoadedBase) -> Generator[None, None, None]:
+    """One step's hold on the base model: its lock and no autograd, released before the generator yields."""
+    with base.lock, torch.no_grad():
+        yield
+
+
+def generate_steps(base: LoadedBase, jobs: list[GenJob]) -> Generator[None, None, list[SampleResult | Exception]]:
+    """Decode every job's num_samples continuations in one loop, yielding after the prefill and after each decode
+    step so the engine can run other work in between (each step takes base.lock and no_grad itself; the KV cache
+    and rows live here between steps). Returns one result per job: a job still decoding past its time_limit_s gets
+    a UserError in its slot; its rows leave the batch."""
+    with _step(base):
+        device, forward = base.device, _Forward(base)
+        started = time.monotonic()
+        deadlines = [started + job.time_limit_s if job.time_limit_s else None for job in jobs]
+        timed_out: set[int] = set()
+        lengths = [len(job.prompt) for job in jobs]
+        width = max(lengths)
+        pad = base.eos_ids[0] if base.eos_ids else 0  # any in-vocabulary id: padded keys are masked out
+        ids = torch.full((len(jobs), width), pad, dtype=torch.int64)  # (J, P), left-padded
+        mask = torch.zeros((len(jobs), width), dtype=torch.int64)  # (J, P), 1 on real tokens
+        for j, job in enumerate(jobs):
+            ids[j, width - lengths[j] :] = torch.tensor(job.prompt, dtype=torch.int64)
+            mask[j, width - lengths[j] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (J, P): each row counts from its first real token
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        want_all = any(job.prompt_logprobs or job.topk_prompt_logprobs for job in jobs)
+        adapters = [job.adapter for job in jobs]
+        logits, cache = forward(adapters, ids, mask, positions, None, last_only=not want_all)  # (J, P or 1, V)
+        results = _prompt_results(logits, jobs, width) if want_all else [SampleResult(sequences=[]) for _ in jobs]
+        next_logits = logits[:, -1].float()  # (J, V)
+        del logits
+
+        rows = [_Row(job=j) for j, job in enumerate(jobs) for _ in range(job.num_samples)]
+        active = [r for r, row in enumerate(rows) if jobs[row.job].spec.max_tokens > 0]  # batch position -> row
+        if active:
+            # The n samples of a job share its prompt's KV cache; jobs with max_tokens 0 leave before the first step.
+            select = torch.tensor([rows[r].job for r in active], device=device)  # (R,)
+            if len(active) != len(jobs) or any(rows[r].job != b for b, r in enumerate(active)):
+                cache.batch_select_indices(select)
+                mask, next_logits = mask[select], next_logits[select]  # (R, P), (R, V)
+            lengths_now = torch.tensor(
+                [lengths[rows[r].job] for r in active], device=device
+            )  # (R,) next position per row
+        stops = [StopChecker(job.spec.stop, base) for job in jobs]
+        generators: dict[int, torch.Generator] = {}
+        for j, job in enumerate(jobs):
+            if job.spec.temperature != 0:
+                seed = job.spec.seed if job.spec.seed is not None else secrets.randbits(63)
+                generators[j] = torch.Generator().manual_seed(seed)
+    yield
     while active:
-        chosen, tokens, chosen_lp = _choose(next_logits, [rows[r].job for r in active], jobs, generators)  # (R,)
-        now = time.monotonic()
-        stay = []
-        for b, r in enumerate(active):
-            row = rows[r]
-            row.tokens.append(tokens[b])
-            row.logprobs.append(chosen_lp[b])
-            if stops[row.job](row.tokens):
-                row.reason = "stop"
-            elif len(row.tokens) < jobs[row.job].spec.max_tokens:
-                deadline = deadlines[row.job]
-                if deadline is not None and now > deadline:
-                    timed_out.add(row.job)  # not finished in time: the job fails, its rows leave
-                else:
-                    stay.append(b)
-        if not stay:
-            break
-        if len(stay) < len(active):  # finished rows leave the batch and the KV cache
-            keep = torch.tensor(stay, device=device)
-            cache.batch_select_indices(keep)
-            mask, chosen, lengths_now = mask[keep], chosen[keep], lengths_now[keep]  # (R', past), (R',), (R',)
-            active = [active[b] for b in stay]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (R, past + 1)
-        adapters = [jobs[rows[r].job].adapter for r in active]
-        step_logits, cache = forward(adapters, chosen[:, None], mask, lengths_now[:, None], cache, True)  # (R, 1, V)
-        next_logits = step_logits[:, -1].float()  # (R, V)
-        lengths_now = lengths_now + 1
+        with _step(base):
+            chosen, tokens, chosen_lp = _choose(next_logits, [rows[r].job for r in active], jobs, generators)  # (R,)
+            now = time.monotonic()
+            stay = []
+            for b, r in enumerate(active):
+                row = rows[r]
+                row.tokens.append(tokens[b])
+                row.logprobs.append(chosen_lp[b])
+                if stops[row.job](row.tokens):
+                    row.reason = "stop"
+                elif len(row.tokens) < jobs[row.job].spec.max_tokens:
+                    deadline = deadlines[row.job]
+                    if deadline is not None and now > deadline:
+                        timed_out.add(row.job)  # not finished in time: the job fails, its rows leave
+                    else:
+                        stay.append(b)
+            if not stay:
+                break
+            if len(stay) < len(active):  # finished rows leave the batch and the KV cache
+                keep = torch.tensor(stay, device=device)
+                cache.batch_select_indices(keep)
+                mask, chosen, lengths_now = mask[keep], chosen[keep], lengths_now[keep]  # (R', past), (R',), (R',)
+                active = [active[b] for b in stay]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (R, past + 1)
+            adapters = [jobs[rows[r].job].adapter for r in active]
+            step_logits, cache = forward(
+                adapters, chosen[:, None], mask, lengths_now[:, None], cache, True
+            )  # (R, 1, V)
+            next_logits = step_logits[:, -1].float()  # (R, V)
+            lengths_now = lengths_now + 1
+        yield
     for row in rows:
         sequence = SampledSequence(tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.reason)
         results[row.job].sequences.append(sequence)

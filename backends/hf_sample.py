@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from backends.base import SampleRequest, SampleResult, SamplingSpec
 from backends.hf import LoadedBase, get_base, memory_bytes, settings_dtype, torch_device
-from backends.hf_generate import GenJob, generate
+from backends.hf_generate import GenJob, drain, generate_steps
 from backends.sample_checks import plain_tokens, validate
 from core.errors import UserError
 from core.settings import Settings
@@ -110,6 +111,11 @@ class HFSamplingBackend:
     def sample_batch(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]:
         """Decode the requests together, one group per base model, each group in loops of at most engine_sample_rows
         sequences. A request that fails validation gets its UserError in its slot; the others run."""
+        return drain(self.sample_steps(requests))
+
+    def sample_steps(self, requests: list[SampleRequest]) -> Generator[None, None, list[SampleResult | Exception]]:
+        """sample_batch, yielding between decode steps so the engine runs training in between (a long sample
+        batch does not hold an adapter's forward_backward back for its whole length)."""
         results: list[SampleResult | Exception | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -134,8 +140,7 @@ class HFSamplingBackend:
                 loops += 1
                 rows += sum(job.num_samples for _, job in chunk)
                 try:
-                    with base.lock, torch.no_grad():
-                        outs: list[SampleResult | Exception] = list(generate(base, [job for _, job in chunk]))
+                    outs: list[SampleResult | Exception] = yield from generate_steps(base, [j for _, j in chunk])
                 except Exception as exc:  # not the user's: the whole loop failed, other loops still run
                     log.exception("generation loop failed for %d request(s) on %s", len(chunk), base_model)
                     outs = [exc] * len(chunk)

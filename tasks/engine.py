@@ -97,6 +97,10 @@ class Engine:
         self.last_pass: dict[str, Any] = {}
         self.base_of: dict[str, str] = {}  # model_id -> base model, for grouping a pass
         self.busy: dict[str, Any] | None = None  # what the engine runs now: {"task": …, "started": epoch seconds}
+        # A sample batch in progress: its requests and the backend's stepping generator, advanced a slice per tick
+        # so training heads run between decode steps instead of waiting for the whole batch.
+        self._sampling_run: tuple[list[Work], Any, float] | None = None
+        self.sample_slice_s = 0.2
 
     # ---- called from Celery's pool threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -155,7 +159,10 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(
-            self._samples or self._calls or any(lane.pending or lane.unordered for lane in self._lanes.values())
+            self._samples
+            or self._calls
+            or self._sampling_run
+            or any(lane.pending or lane.unordered for lane in self._lanes.values())
         )
 
     def _file(self, work: Work) -> None:
@@ -217,9 +224,10 @@ class Engine:
         heads = [w for model_id, lane in list(self._lanes.items()) if (w := self._head(model_id, lane)) is not None]
         calls = list(self._calls)
         self._calls.clear()
-        samples = list(self._samples)
-        self._samples.clear()
-        if not heads and not calls and not samples:
+        samples = [] if self._sampling_run else list(self._samples)  # new ones wait for the batch in progress
+        if samples:
+            self._samples.clear()
+        if not heads and not calls and not samples and not self._sampling_run:
             return False
         self.stats["ticks"] += 1
         start = next(self._turn) % max(len(heads), 1)
@@ -315,11 +323,36 @@ class Engine:
             self._group_call([work], lambda _: [work.payload()])
 
     def _sample(self, works: list[Work]) -> None:
+        """Start a sample batch of the held requests (if none is in progress), then advance the one in progress by
+        about sample_slice_s of decode steps; a backend without sample_steps runs its batch in one go."""
         works = self._admit(works)
         if works:
             self.stats["sample_batches"] += 1
             self.stats["max_requests_per_sample_batch"] = max(self.stats["max_requests_per_sample_batch"], len(works))
-            self._group_call(works, lambda requests: self._sampling().sample_batch(requests))
+            backend = self._sampling()
+            if not hasattr(backend, "sample_steps"):
+                self._group_call(works, backend.sample_batch)
+                return
+            self._sampling_run = (works, backend.sample_steps([w.payload for w in works]), time.time())
+        if self._sampling_run is None:
+            return
+        works, steps, started = self._sampling_run
+        self.busy = {"task": SAMPLE if len(works) == 1 else f"{SAMPLE} x{len(works)}", "started": started}
+        until = time.monotonic() + self.sample_slice_s
+        results: list[Any] | None = None
+        try:
+            while results is None and time.monotonic() < until:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    results = done.value
+        except BaseException as exc:
+            log.exception("sample batch failed for %d request(s)", len(works))
+            results = [exc] * len(works)
+        if results is not None:
+            self._sampling_run = self.busy = None
+            for work, result in zip(works, results):
+                self._finish(work, result)
 
 
 def _copy_outcome(done: Future, target: Future) -> None:

@@ -280,3 +280,24 @@ def engine_stats_now(stack, since: float) -> dict:
 
     wait_for(fresh, 10, "a worker heartbeat")
     return seen
+
+
+def test_training_runs_between_the_decode_steps_of_a_long_sample_batch(engine_stack):
+    """A long sample batch is advanced a slice per engine tick: a forward_backward sent while it decodes finishes
+    before it (it used to wait for the whole batch), and the batch then completes."""
+    tb = TinkerbellClient(engine_stack.url, api_key=KEY)
+    model_id = tb.add_lora(rank=4, seed=77).result(120)["model_id"]
+    tb.forward_backward(model_id, [native_datum(1, 20)]).result(60)  # warm
+    big = tb.sample([1, 2, 3], num_samples=64, max_tokens=500, temperature=1.0, stop=[], seed=0)
+
+    def sampling() -> bool:
+        [worker] = engine_stack.registry().live_workers()
+        return "sample" in str((worker.get("engine") or {}).get("busy"))
+
+    wait_for(sampling, 60, "the worker decoding the big sample batch")
+    fwd = tb.forward_backward(model_id, [native_datum(2, 20)]).result(60)
+    assert fwd["metrics"]["loss:sum"] > 0
+    with pytest.raises(TimeoutError):
+        big.result(timeout=0.1)  # still decoding: the forward_backward did not wait for it
+    out = big.result(300)
+    assert len(out["sequences"]) == 64 and all(len(s["tokens"]) == 500 for s in out["sequences"])
