@@ -91,7 +91,18 @@ def _future(request_id: str, model_id: str | None = None, **extra: Any) -> Respo
 # ---- bootstrap ------------------------------------------------------------------------------
 @bp.post("/client/config")
 def client_config():
-    return jsonify(CLIENT_CONFIG)
+    """The SDK splits fwd/bwd batches into chunks this small, so a stock client stays inside the TINKERBELL_MAX_*
+    limits (api.limits) that would refuse a larger request."""
+    settings = current_app.config["SETTINGS"]
+    return jsonify(
+        {
+            **CLIENT_CONFIG,
+            "fwdbwd_max_chunk_len": min(CLIENT_CONFIG["fwdbwd_max_chunk_len"], settings.max_request_datums),
+            "fwdbwd_max_chunk_bytes_count": min(
+                CLIENT_CONFIG["fwdbwd_max_chunk_bytes_count"], settings.max_body_bytes // 2
+            ),
+        }
+    )
 
 
 @bp.post("/client/dynamic_config")

@@ -251,3 +251,9 @@ def test_random_and_truncated_protobuf_bodies_get_a_4xx(hostile):
         statuses.append(session.post(url, data=compressed, headers=PROTO_HEADERS, timeout=30).status_code)
     assert all(400 <= status < 500 for status in statuses), sorted(set(statuses))
     assert session.get(hostile.url + "/healthz", timeout=10).json()["workers"]
+
+
+def test_client_config_makes_the_sdk_chunk_inside_the_limits(hostile):
+    config = post(hostile, "/api/v1/client/config", {}).json()
+    assert config["fwdbwd_max_chunk_len"] == LIMITS["TINKERBELL_MAX_REQUEST_DATUMS"]
+    assert config["fwdbwd_max_chunk_bytes_count"] <= LIMITS["TINKERBELL_MAX_BODY_BYTES"] // 2
