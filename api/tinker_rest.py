@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import shutil
 import time
@@ -169,6 +170,62 @@ def set_checkpoint_ttl(run_id: str, checkpoint_id: str):
     record["expires_at"] = time.time() + ttl if ttl else None
     registry().add_checkpoint(run_id, record)
     return jsonify(checkpoint_json(record))
+
+
+# ---- copy_weights -------------------------------------------------------------------------------
+COPY_IDEMPOTENCY_S = 86400
+
+
+@rest_bp.post("/copy_weights")
+def copy_weights():
+    """Copy a checkpoint the caller may read (its own, or a public one) into a new run of the caller's that holds
+    only that checkpoint and cannot be trained on. The files are hard links (no bytes duplicated; deleting either
+    side leaves the other whole). The SDK's X-Idempotency-Key makes a resend answer the first copy's path."""
+    payload = request.get_json(force=True, silent=True)
+    if not isinstance(payload, dict):
+        raise UserError("body: must be a JSON object with source_path")
+    settings = current_app.config["SETTINGS"]
+    service = current_app.config["SERVICE"]
+    source = service.resolve_checkpoint(g.owner, payload.get("source_path"))
+    ttl = validate.ttl_seconds(payload.get("ttl_seconds"))
+    key = request.headers.get("X-Idempotency-Key")
+    redis = registry().redis
+    idem = f"tb:copy_idem:{hmac.new(_secret(), f'{g.owner}|{key}'.encode(), hashlib.sha256).hexdigest()}"
+    if key:
+        done = redis.get(idem)
+        if done:
+            return jsonify(tinker_path=done)
+    kind, name = source["checkpoint_id"].split("/", 1)
+    run_id = f"copy-{secrets.token_hex(8)}"
+    target = settings.data_path / "checkpoints" / run_id / kind / name
+    if not Path(source["dir"]).is_dir():
+        raise NotFound(f"source_path: checkpoint {payload.get('source_path')} has no files (was it deleted?)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(source["dir"], target, copy_function=os.link)
+    except OSError:  # another filesystem: a real copy
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source["dir"], target)
+    now = time.time()
+    path = f"tinker://{run_id}/{kind}/{name}"
+    record = {
+        **{k: source.get(k) for k in ("checkpoint_type", "size_bytes", "base_model", "lora")},
+        "checkpoint_id": source["checkpoint_id"],
+        "time": now,
+        "tinker_path": path,
+        "dir": str(target),
+        "public": False,
+        "expires_at": now + ttl if ttl else None,
+        "owner": g.owner,
+        "ephemeral": False,
+        "copied_from": source["tinker_path"],
+    }
+    registry().add_checkpoint(run_id, record)
+    if key and not redis.set(idem, path, nx=True, ex=COPY_IDEMPOTENCY_S):  # a concurrent resend won: answer its copy
+        registry().delete_checkpoint(run_id, source["checkpoint_id"])
+        shutil.rmtree(target.parent.parent, ignore_errors=True)
+        return jsonify(tinker_path=redis.get(idem))
+    return jsonify(tinker_path=path)
 
 
 # ---- signed downloads -------------------------------------------------------------------------

@@ -299,6 +299,39 @@ def test_a_checkpoint_past_its_ttl_is_deleted_files_and_record_and_no_longer_dow
     assert "external_weights/shortlived" not in [c.checkpoint_id for c in listed]
 
 
+def test_copy_weights_makes_an_independent_untrainable_copy_and_a_resend_answers_the_same_copy(stack, service):
+    tc = new_client(service, seed=8)
+    tc.forward_backward([make_datum(31)], "cross_entropy").result(timeout=60)
+    tc.optim_step(ADAM).result(timeout=60)
+    source = tc.save_weights_for_sampler("to-copy").result(timeout=60).path
+    tokens = tinker.ModelInput.from_ints([3, 14, 15, 92, 65, 35])
+    want = service.create_sampling_client(model_path=source).compute_logprobs(tokens).result(timeout=60)[1:]
+    rest = tinker.RestClient(base_url=stack.url, api_key=KEY)
+    copy = rest.copy_weights(source, "proj-archive").result(timeout=60)
+    assert copy.startswith("tinker://copy-") and copy.endswith("/sampler_weights/to-copy") and copy != source
+    rest.delete_checkpoint_from_tinker_path(source).result(timeout=30)  # the copy's files are its own (hard links)
+    got = service.create_sampling_client(model_path=copy).compute_logprobs(tokens).result(timeout=60)[1:]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+    headers = {"X-API-Key": KEY, "X-Idempotency-Key": "copy-once"}
+    body = {"source_path": copy, "destination_project_id": "p"}
+    first = requests.post(f"{stack.url}/api/v1/copy_weights", json=body, headers=headers, timeout=30).json()
+    again = requests.post(f"{stack.url}/api/v1/copy_weights", json=body, headers=headers, timeout=30).json()
+    assert first["tinker_path"] == again["tinker_path"] != copy
+    missing = requests.post(
+        f"{stack.url}/api/v1/copy_weights", json={"source_path": source}, headers={"X-API-Key": KEY}, timeout=30
+    )
+    assert missing.status_code == 404
+    run_id = copy.removeprefix("tinker://").split("/")[0]
+    fwd = requests.post(
+        f"{stack.url}/api/v1/forward",
+        json={"model_id": run_id, "seq_id": 1, "forward_input": {"data": [], "loss_fn": "cross_entropy"}},
+        headers={"X-API-Key": KEY},
+        timeout=30,
+    )
+    assert fwd.status_code in (400, 404), fwd.text  # a copy's run holds a checkpoint, not an adapter to train
+
+
 def _proto_fwdbwd(model_id: str, seq_id: int, datum: tinker.Datum) -> bytes:
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
