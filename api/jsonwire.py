@@ -48,7 +48,7 @@ def tensor_from_json(value: Any, field: str, default_dtype: str) -> np.ndarray:
     if not isinstance(value, dict):
         return _numbers(value, field, default_dtype)
     dtype = value.get("dtype", default_dtype)
-    if dtype not in NP_DTYPES:
+    if not isinstance(dtype, str) or dtype not in NP_DTYPES:
         raise UserError(f"{field}.dtype: must be float32 or int64, got {dtype!r:.80}")
     data = _numbers(value.get("data", []), f"{field}.data", dtype)
     if value.get("sparse_crow_indices") is not None:

@@ -4,6 +4,7 @@ limit is crossed with a small request."""
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import random
@@ -257,3 +258,57 @@ def test_client_config_makes_the_sdk_chunk_inside_the_limits(hostile):
     config = post(hostile, "/api/v1/client/config", {}).json()
     assert config["fwdbwd_max_chunk_len"] == LIMITS["TINKERBELL_MAX_REQUEST_DATUMS"]
     assert config["fwdbwd_max_chunk_bytes_count"] <= LIMITS["TINKERBELL_MAX_BODY_BYTES"] // 2
+
+
+# ---- wrong types anywhere ---------------------------------------------------------------------------
+WRONG = [None, True, -1, 2**70, 1.5, 1e308, float("nan"), "x", "", [], [1], {}, {"a": 1}, [[[]]]]
+
+
+def _field_paths(value, prefix=()):
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        yield from _field_paths(inner, (*prefix, key))
+
+
+def _replaced(value, path, new):
+    if not path:
+        return new
+    value = copy.deepcopy(value)
+    inner = value
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = new
+    return value
+
+
+def test_any_field_of_the_wrong_type_is_a_4xx_never_a_5xx(hostile, model_id):
+    tensor = {"data": [1, 2], "dtype": "int64", "shape": [2]}
+    tokens = {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}
+    routes = {
+        "/api/v1/forward_backward": fwdbwd(
+            model_id, [{"model_input": tokens, "loss_fn_inputs": {"target_tokens": tensor, "weights": [1.0, 1.0]}}]
+        ),
+        "/api/v1/optim_step": {"model_id": model_id, "adam_params": {"learning_rate": 1e-3, "eps": 1e-8}},
+        "/api/v1/asample": {
+            "base_model": TINY_MODEL,
+            "prompt": tokens,
+            "num_samples": 1,
+            "sampling_params": {"max_tokens": 2, "stop": ["x"], "temperature": 1.0},
+            "topk_prompt_logprobs": 0,
+        },
+        "/api/v1/save_weights": {"model_id": model_id, "path": "fuzzed", "ttl_seconds": 60},
+        "/fwdbwd": {"model_id": model_id, "data": [{"model_input": [1, 2], "loss_fn_inputs": {"weights": [1, 1]}}]},
+    }
+    session = requests.Session()
+    server_errors = []
+    for route, payload in routes.items():
+        for path in list(_field_paths(payload)):
+            for value in WRONG:
+                body = json.dumps(_replaced(payload, path, value))
+                answer = session.post(
+                    hostile.url + route, data=body, headers={**HEADERS, "Content-Type": "application/json"}, timeout=30
+                )
+                if answer.status_code >= 500:
+                    server_errors.append((route, path, value, answer.text[:120]))
+    assert not server_errors, server_errors[:10]
