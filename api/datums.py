@@ -36,9 +36,16 @@ def dense(values: np.ndarray, shape: list[int] | None, field: str) -> np.ndarray
     return values.reshape(shape)
 
 
-def dense_from_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: Any, field: str) -> np.ndarray:
-    """A 2-D sparse CSR matrix (values, crow_indices, col_indices) as a dense array."""
+def dense_from_csr(
+    values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: Any, field: str, max_bytes: int
+) -> np.ndarray:
+    """A 2-D sparse CSR matrix (values, crow_indices, col_indices) as a dense array of at most max_bytes
+    (TINKERBELL_MAX_BODY_BYTES: a tiny sparse body must not make the API allocate more than a dense one could)."""
     shape = shape_of(shape, field, values.itemsize)
+    if math.prod(shape) * values.itemsize > max_bytes:
+        raise UserError(
+            f"{field}.shape: {shape} is larger dense than the limit TINKERBELL_MAX_BODY_BYTES={max_bytes} bytes"
+        )
     if len(shape) != 2:
         raise UserError(f"{field}.shape: a sparse CSR tensor needs a 2-D shape, got {shape}")
     rows, cols = shape

@@ -12,6 +12,7 @@ import numpy as np
 from flask import request
 
 from api.datums import checked_datum, dense, dense_from_csr
+from api.limits import body_limit
 from api.validate import mapping, string
 from core.errors import UserError
 from core.wire import TOPK_EMPTY, decode_array, decode_topk
@@ -54,7 +55,7 @@ def tensor_from_json(value: Any, field: str, default_dtype: str) -> np.ndarray:
     if value.get("sparse_crow_indices") is not None:
         crow = _numbers(value["sparse_crow_indices"], f"{field}.sparse_crow_indices", "int64")
         col = _numbers(value.get("sparse_col_indices"), f"{field}.sparse_col_indices", "int64")
-        return dense_from_csr(data, crow, col, value.get("shape"), field)
+        return dense_from_csr(data, crow, col, value.get("shape"), field, body_limit())
     return dense(data, value.get("shape") or None, field)
 
 

@@ -24,10 +24,15 @@ def body_too_large(what: str, limit: int) -> RequestEntityTooLarge:
     return RequestEntityTooLarge(f"body: {what} is larger than the limit TINKERBELL_MAX_BODY_BYTES={limit} bytes")
 
 
+def body_limit() -> int:
+    """TINKERBELL_MAX_BODY_BYTES of the app serving this request."""
+    return current_app.config["SETTINGS"].max_body_bytes
+
+
 def limit_body() -> None:
     """Before each request: no body past TINKERBELL_MAX_BODY_BYTES is read. A chunked body (no Content-Length) is
     read here, at most limit + 1 bytes (werkzeug stops there without saying so), and kept for the view."""
-    limit = current_app.config["SETTINGS"].max_body_bytes
+    limit = body_limit()
     if request.content_length is not None:
         request.max_content_length = limit
         if request.content_length > limit:
@@ -42,7 +47,7 @@ def answer_too_large(exc: RequestEntityTooLarge) -> Any:
     """werkzeug's own 413 (a chunked body that ran past the limit) says which limit, like ours."""
     description = exc.description or ""
     if "TINKERBELL_MAX_BODY_BYTES" not in description:
-        description = body_too_large("request body", current_app.config["SETTINGS"].max_body_bytes).description
+        description = body_too_large("request body", body_limit()).description
     return jsonify(error=description, category="user"), 413
 
 

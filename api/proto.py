@@ -21,7 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from api.datums import checked_datum, dense, dense_from_csr
-from api.limits import body_too_large
+from api.limits import body_limit, body_too_large
 from core.errors import UserError
 from core.wire import TOPK_EMPTY, decode_array, decode_topk
 
@@ -85,7 +85,7 @@ def _tensor(msg: pb.Tensor, field: str) -> np.ndarray:
             _buffer(data, kind, f"{field}.sparse_csr")
             for data, kind in ((csr.values, dtype), (csr.crow_indices, "<i8"), (csr.col_indices, "<i8"))
         )
-        return dense_from_csr(values, crow, col, shape, f"{field}.sparse_csr")
+        return dense_from_csr(values, crow, col, shape, f"{field}.sparse_csr", body_limit())
     return dense(_buffer(msg.dense, dtype, field), shape or None, field)
 
 

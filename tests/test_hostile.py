@@ -162,6 +162,13 @@ def test_requests_at_the_limits_are_accepted(hostile, model_id):
     assert answer.status_code == 200, answer.text
 
 
+def test_a_tiny_sparse_tensor_cannot_expand_past_the_body_limit(hostile, model_id):
+    sparse = {"data": [1.0], "dtype": "float32", "shape": [2, 10**7], "sparse_crow_indices": [0, 1, 1]}
+    sparse["sparse_col_indices"] = [0]
+    item = {**datum(2), "loss_fn_inputs": {**datum(2)["loss_fn_inputs"], "teacher": sparse}}
+    refused(post(hostile, "/api/v1/forward_backward", fwdbwd(model_id, [item])), "TINKERBELL_MAX_BODY_BYTES=200000")
+
+
 # ---- names, numbers, seq_ids ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", [".", "..", "...", "a/b", "../x", "a\x00b", "x" * 256, ""])
 def test_checkpoint_names_that_are_not_names_are_refused(hostile, model_id, name):
