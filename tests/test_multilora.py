@@ -16,7 +16,17 @@ from tests.test_backend_hf import VOCAB, backend_params, make_data, new_id, ref_
 from tests.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ADAM = AdamSpec(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
+
+
+def assert_grad_close(got: torch.Tensor, want: torch.Tensor, key: str) -> None:
+    """Gradients summed over a pass in float32 agree to ~1e-6 of the tensor's scale, not elementwise: batched and
+    alone run GEMMs of other shapes, which the CPU's BLAS blocks (and so rounds) differently. Seen on an AMD EPYC:
+    differences up to 5.9e-5 on lora_A gradients whose largest element is 5.4 (1.1e-5 of it)."""
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, atol=2e-5 * scale + 1e-7, rtol=0, msg=key)
+
+
+ADAM = AdamSpec(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-5, weight_decay=0.01)  # eps: test_backend_hf REF_ATOL
 # Different ranks, alphas and target sets, cycled over the adapters of one pass.
 CONFIGS = [
     {"rank": 4, "alpha": 8.0},
@@ -96,7 +106,7 @@ def assert_same_result(a: FwdBwdResult, b: FwdBwdResult) -> None:
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5, rtol=0)
     assert a.metrics.keys() == b.metrics.keys()
     for key in a.metrics:
-        assert a.metrics[key] == pytest.approx(b.metrics[key], abs=1e-5, rel=1e-6), key
+        assert a.metrics[key] == pytest.approx(b.metrics[key], abs=1e-5, rel=1e-5), key  # sums: see assert_grad_close
 
 
 def test_mixed_adapters_and_losses_in_one_pass_equal_each_alone(tb, tmp_path):
@@ -114,13 +124,13 @@ def test_mixed_adapters_and_losses_in_one_pass_equal_each_alone(tb, tmp_path):
         ga, gb = grads(tb, m_alone), grads(tb, m_batched)
         for key in ga:
             assert ga[key] is not None and gb[key] is not None, key
-            torch.testing.assert_close(gb[key], ga[key], atol=1e-6, rtol=1e-5, msg=key)
+            assert_grad_close(gb[key], ga[key], key)
     for a, b in zip(alone, batched):
         tb.optim_step(a, ADAM)
         tb.optim_step(b, ADAM)
         pa, pb = backend_params(tb, a, tmp_path), backend_params(tb, b, tmp_path)
         for key in pa:
-            torch.testing.assert_close(pb[key], pa[key], atol=1e-6, rtol=0, msg=key)
+            torch.testing.assert_close(pb[key], pa[key], atol=2e-5, rtol=0, msg=key)  # Adam: see test_backend_hf
     for m in alone + batched:
         tb.remove_adapter(m)
 
@@ -198,7 +208,7 @@ def test_poisoned_requests_fail_alone(tb):
     for model_id, expected in ((good1, grads1), (good2, grads2)):
         for key, grad in grads(tb, model_id).items():
             assert grad is not None, key
-            torch.testing.assert_close(grad, expected[key], atol=1e-6, rtol=1e-5, msg=key)
+            assert_grad_close(grad, expected[key], key)
     for model_id in (bad_id, nan_w, raises):
         assert all(p.grad is None for p in tb.trainable_parameters(model_id))
     for m in (good1, bad_id, nan_w, raises, good2):
