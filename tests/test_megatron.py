@@ -114,8 +114,10 @@ def tp2(settings):
     tp_settings = dataclasses.replace(settings, tensor_parallel=2, device=devices)
     with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
         host, port = listener.address
-        code = "import sys, pickle; from tests.test_megatron import _serve; _serve(sys.argv[1], sys.argv[2], "
-        "pickle.loads(bytes.fromhex(sys.argv[3])))"
+        code = (
+            "import sys, pickle; from tests.test_megatron import _serve; _serve(sys.argv[1], sys.argv[2], "
+            "pickle.loads(bytes.fromhex(sys.argv[3])))"
+        )
         args = [f"{host}:{port}", authkey.hex(), pickle.dumps(tp_settings).hex()]
         process = subprocess.Popen(
             [sys.executable, "-c", code, *args], cwd=_REPO, env=dict(os.environ, PYTHONPATH=str(_REPO))
