@@ -56,6 +56,27 @@ OUTBOX = P + "outbox"  # hash request_id -> JSON [queue, message]
 OUTBOX_DUE = P + "outbox:due"  # zset request_id -> when it became ready (or was last claimed by a sweep)
 OUTBOX_GRACE_S = 10.0
 
+# Lua: move the run of held requests from seq_id nxt on (while each next one is held) from the pending hash into
+# the outbox, appending request id, message to out ('' as the message of own: its caller has it); returns the
+# seq_id after the run. Shared by _SUBMIT_LUA and _RELEASE_GAP_LUA.
+_RELEASE_RUN_LUA = """
+local function release_run(ids, pending, outbox, due, queue, now, nxt, own, out)
+  while true do
+    local raw = redis.call('HGET', pending, tostring(nxt))
+    if not raw then return nxt end
+    redis.call('HDEL', pending, tostring(nxt))
+    if raw ~= '' then
+      local request_id = redis.call('HGET', ids, tostring(nxt))
+      redis.call('HSET', outbox, request_id, cjson.encode({queue, raw}))
+      redis.call('ZADD', due, now, request_id)
+      table.insert(out, request_id)
+      if request_id == own then table.insert(out, '') else table.insert(out, raw) end
+    end
+    nxt = nxt + 1
+  end
+end
+"""
+
 # Admission of one request of a model, in one atomic script: nothing is released out of seq_id order, and every
 # request it releases goes into the outbox before the script returns, so no crash can lose one.
 # KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> message; '' = nothing to run),
@@ -71,6 +92,7 @@ OUTBOX_GRACE_S = 10.0
 # 'expired-<request id>'.
 _SUBMIT_LUA = (
     _FUTURE_LUA
+    + _RELEASE_RUN_LUA
     + """
 if ARGV[6] ~= '' then
   local model = redis.call('HMGET', KEYS[10], 'owner', 'deleted')
@@ -87,21 +109,8 @@ if ARGV[7] ~= '' then
 end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
 local first = tonumber(redis.call('GET', KEYS[4]) or '1')
-local nxt = first
 local out = {ARGV[2], 1}
-while true do
-  local raw = redis.call('HGET', KEYS[3], tostring(nxt))
-  if not raw then break end
-  redis.call('HDEL', KEYS[3], tostring(nxt))
-  if raw ~= '' then
-    local request_id = redis.call('HGET', KEYS[1], tostring(nxt))
-    redis.call('HSET', KEYS[8], request_id, cjson.encode({ARGV[4], raw}))
-    redis.call('ZADD', KEYS[9], ARGV[5], request_id)
-    table.insert(out, request_id)
-    if request_id == ARGV[2] then table.insert(out, '') else table.insert(out, raw) end
-  end
-  nxt = nxt + 1
-end
+local nxt = release_run(KEYS[1], KEYS[3], KEYS[8], KEYS[9], ARGV[4], ARGV[5], first, ARGV[2], out)
 redis.call('SET', KEYS[4], nxt)
 if nxt > first then redis.call('DEL', KEYS[5]) else redis.call('HSETNX', KEYS[5], 't', ARGV[5]) end
 return out
@@ -113,7 +122,9 @@ return out
 # answered as expired by _SUBMIT_LUA) and the held run behind it is released into the outbox, in seq_id order.
 # KEYS: 1 ids hash, 2 admitted zset, 3 pending hash, 4 next seq counter, 5 held-since hash, 6 outbox, 7 its due zset.
 # ARGV: 1 cutoff (held since before it: stalled), 2 now, 3 queue. Returns request id, message, ... of those released.
-_RELEASE_GAP_LUA = """
+_RELEASE_GAP_LUA = (
+    _RELEASE_RUN_LUA
+    + """
 local since = redis.call('HGET', KEYS[5], 't')
 if not since or tonumber(since) > tonumber(ARGV[1]) then return {} end
 local first = redis.call('ZRANGEBYSCORE', KEYS[2], redis.call('GET', KEYS[4]) or '1', '+inf', 'LIMIT', 0, 1)
@@ -121,25 +132,13 @@ if not first[1] then
   redis.call('DEL', KEYS[5])
   return {}
 end
-local nxt = tonumber(first[1])
 local out = {}
-while true do
-  local raw = redis.call('HGET', KEYS[3], tostring(nxt))
-  if not raw then break end
-  redis.call('HDEL', KEYS[3], tostring(nxt))
-  if raw ~= '' then
-    local request_id = redis.call('HGET', KEYS[1], tostring(nxt))
-    redis.call('HSET', KEYS[6], request_id, cjson.encode({ARGV[3], raw}))
-    redis.call('ZADD', KEYS[7], ARGV[2], request_id)
-    table.insert(out, request_id)
-    table.insert(out, raw)
-  end
-  nxt = nxt + 1
-end
+local nxt = release_run(KEYS[1], KEYS[3], KEYS[6], KEYS[7], ARGV[3], ARGV[2], tonumber(first[1]), nil, out)
 redis.call('SET', KEYS[4], nxt)
 if redis.call('HLEN', KEYS[3]) > 0 then redis.call('HSET', KEYS[5], 't', ARGV[2]) else redis.call('DEL', KEYS[5]) end
 return out
 """
+)
 
 # A request that needs no ordering (create an adapter, sample): record its future and put it in the outbox.
 # KEYS: 1 the future's hash, 2 pending-futures zset, 3 the outbox hash, 4 the outbox's due zset.
@@ -181,8 +180,8 @@ if model[1] ~= ARGV[1] or model[2] == 'true' then return -1 end
 local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local highest = 0
 if top[2] then highest = tonumber(top[2]) end
-local seq = math.max(highest + 1, tonumber(redis.call('GET', KEYS[2]) or '1'), tonumber(redis.call('GET', KEYS[3]) or
-'0') + 1)
+local seq = math.max(highest + 1, tonumber(redis.call('GET', KEYS[2]) or '1'),
+  tonumber(redis.call('GET', KEYS[3]) or '0') + 1)
 redis.call('SET', KEYS[3], seq)
 return seq
 """
