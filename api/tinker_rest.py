@@ -190,7 +190,7 @@ def copy_weights():
     ttl = validate.ttl_seconds(payload.get("ttl_seconds"))
     key = request.headers.get("X-Idempotency-Key")
     redis = registry().redis
-    idem = f"tb:copy_idem:{hmac.new(_secret(), f'{g.owner}|{key}'.encode(), hashlib.sha256).hexdigest()}"
+    idem = f"tb:copy_idem:{hashlib.sha256(f'{g.owner}|{key}'.encode()).hexdigest()}"
     if key:
         done = redis.get(idem)
         if done:

@@ -183,11 +183,6 @@ def _choose(
     return chosen, chosen.tolist(), chosen_lp.tolist()
 
 
-def generate(base: LoadedBase, jobs: list[GenJob]) -> list[SampleResult | Exception]:
-    """Decode every job's num_samples continuations in one loop, to the end (see generate_steps)."""
-    return drain(generate_steps(base, jobs))
-
-
 def drain(steps: Generator[None, None, Any]) -> Any:
     """Run a stepping generator to its end and return its value."""
     while True:
