@@ -51,8 +51,9 @@ _TOPK_EMPTY_LOGPROB = -99999.0
 
 
 def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
-    """Undo `Content-Encoding: zstd` (the SDK sends it when client/config says proto_compress_fwdbwd). A body that
-    would grow past `limit` bytes (TINKERBELL_MAX_BODY_BYTES) is refused after reading limit + 1 of them."""
+    """Undo `Content-Encoding: zstd` (the SDK sends it when client/config says proto_compress_fwdbwd). A body of
+    several frames is read whole, as RFC 8878 allows; one that would grow past `limit` bytes
+    (TINKERBELL_MAX_BODY_BYTES) is refused after reading limit + 1 of them."""
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -61,7 +62,7 @@ def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     import zstandard
 
     try:
-        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
             out = reader.read(limit + 1)
     except zstandard.ZstdError as exc:
         raise UserError(f"body: not valid zstd ({exc})") from None

@@ -293,3 +293,15 @@ def test_protobuf_seq_id_zero_is_a_4xx(light, model_id):
         timeout=30,
     )
     assert response.status_code == 400 and "seq_id" in response.json()["error"]
+
+
+def test_a_zstd_body_of_several_frames_is_read_whole():
+    import zstandard
+
+    from api.proto import decompress
+
+    whole = bytes(range(256)) * 64
+    frames = b"".join(zstandard.ZstdCompressor().compress(part) for part in (whole[:5000], whole[5000:]))
+    assert decompress(frames, "zstd", limit=len(whole)) == whole
+    with pytest.raises(Exception, match="after zstd decompression"):
+        decompress(frames, "zstd", limit=len(whole) - 1)
