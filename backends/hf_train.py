@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from backends.base import AdamSpec, FwdBwdRequest, FwdBwdResult, LoraSpec
+from backends.datum_checks import ADAPTER_WEIGHTS, OPTIMIZER_STATE, check_datum, read_checkpoint
 from backends.hf import (
     LoadedBase,
     get_base,
@@ -32,11 +32,8 @@ from backends.multilora import pack
 from core.errors import NotFound, UserError
 from core.settings import Settings
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-OPTIMIZER_STATE = "optimizer.pt"
 STATE_META = "tinkerbell.json"
-PER_TOKEN_INPUTS = ("weights", "advantages", "logprobs", "mask", "sequence_ratio_mask")
 
 
 @dataclass
@@ -63,23 +60,6 @@ class _Prepared:
 def _new_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
     # Hyperparameters are set from AdamSpec at every optim_step.
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-
-
-def _int_array(value: Any, field: str) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64, copy=False)
-    if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-        return arr.astype(np.int64)
-    if arr.size == 0:
-        return arr.astype(np.int64)
-    raise UserError(f"{field}: token ids must be integers, got dtype {arr.dtype}")
-
-
-def _check_range(arr: np.ndarray, vocab: int, field: str) -> None:
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
-        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
-        raise UserError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
 
 
 class HFTrainingBackend:
@@ -157,43 +137,7 @@ class HFTrainingBackend:
             raise UserError("data: empty batch")
         tokens, targets, inputs = [], [], []
         for i, datum in enumerate(request.data):
-            ids = _int_array(datum.tokens, f"data[{i}].model_input")
-            if ids.ndim != 1 or ids.size == 0:
-                raise UserError(
-                    f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}"
-                )
-            n = int(ids.size)
-            _check_range(ids, base.vocab_in, f"data[{i}].model_input")
-            if base.max_len is not None and n > base.max_len:
-                raise UserError(f"data[{i}].model_input: {n} tokens exceed the model's context length {base.max_len}")
-            fn_inputs = dict(datum.loss_fn_inputs or {})
-            if "target_tokens" not in fn_inputs:
-                raise UserError(f"data[{i}].loss_fn_inputs.target_tokens: required")
-            target = _int_array(fn_inputs["target_tokens"], f"data[{i}].loss_fn_inputs.target_tokens")
-            if target.ndim not in (1, 2) or target.shape[0] != n or (target.ndim == 2 and target.shape[1] == 0):
-                raise UserError(
-                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input "
-                    f"length {n} (expected (N,) or (N, K))"
-                )
-            _check_range(target, base.vocab_out, f"data[{i}].loss_fn_inputs.target_tokens")
-            # torch.tensor copies: wire-decoded arrays are read-only views of the message bytes.
-            converted: dict[str, torch.Tensor] = {"target_tokens": torch.tensor(target, device=self.device)}
-            for key, value in fn_inputs.items():
-                if key == "target_tokens":
-                    continue
-                arr = np.asarray(value)
-                if key in PER_TOKEN_INPUTS and (
-                    arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)
-                ):
-                    raise UserError(
-                        f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens "
-                        f"{tuple(target.shape)}"
-                    )
-                if arr.dtype.kind not in "biuf":
-                    raise UserError(f"data[{i}].loss_fn_inputs.{key}: expected numbers, got dtype {arr.dtype}")
-                converted[key] = torch.tensor(
-                    arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device
-                )
+            ids, _, converted = check_datum(i, datum, base.vocab_in, base.vocab_out, base.max_len, self.device)
             tokens.append(torch.tensor(ids))
             targets.append(converted["target_tokens"])
             inputs.append(converted)
@@ -368,36 +312,9 @@ class HFTrainingBackend:
 
     def load_state(self, model_id: str, directory: str, with_optimizer: bool) -> None:
         """Restore weights (and optimizer state if asked; otherwise the optimizer restarts) into an existing adapter."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         adapter = self._get(model_id)
-        src = Path(directory)
-        if not (src / ADAPTER_WEIGHTS).is_file():
-            raise UserError(f"path: no {ADAPTER_WEIGHTS} in the checkpoint")
-        try:
-            state = load_file(str(src / ADAPTER_WEIGHTS))
-        except (SafetensorError, OSError) as exc:
-            raise UserError(f"path: unreadable adapter weights ({exc})") from exc
-        # PEFT may also save the (unchanged) base lm_head/embedding weights next to the LoRA ones; only LoRA counts.
-        state = {k: v for k, v in state.items() if ".lora_" in k}
-        missing = sorted(set(adapter.params) - set(state))
-        unexpected = sorted(set(state) - set(adapter.params))
-        wrong = sorted(
-            k for k in adapter.params if k in state and tuple(state[k].shape) != tuple(adapter.params[k].shape)
-        )
-        if missing or unexpected or wrong:
-            raise UserError(
-                "path: checkpoint does not match this adapter's LoRA config (rank / trained modules): "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
-            )
-        optimizer_state = None
-        if with_optimizer:
-            if not (src / OPTIMIZER_STATE).is_file():
-                raise UserError(
-                    f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer"
-                )
-            optimizer_state = torch.load(src / OPTIMIZER_STATE, map_location=self.device, weights_only=True)
+        expected = {k: tuple(p.shape) for k, p in adapter.params.items()}
+        state, optimizer_state = read_checkpoint(directory, expected, with_optimizer, self.device)
         with adapter.base.lock, torch.no_grad():
             for key, param in adapter.params.items():
                 param.copy_(state[key].to(param.device, param.dtype))
@@ -409,6 +326,7 @@ class HFTrainingBackend:
                 except (ValueError, KeyError) as exc:
                     raise UserError(f"path: optimizer state does not match this adapter ({exc})") from exc
             adapter.optimizer = optimizer
+        src = Path(directory)
         if (src / STATE_META).is_file():
             try:
                 adapter.steps = int(json.loads((src / STATE_META).read_text()).get("steps", 0))

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from backends.base import AdamSpec, FwdBwdRequest, FwdBwdResult, LoraSpec
+from backends.datum_checks import check_datum
 from backends.loader import BackendUnavailable
 from core.errors import NotFound, UserError
 from core.settings import Settings
 
 ADAPTER_CONFIG = "adapter_config.json"
 STATE_META = "tinkerbell.json"
-PER_TOKEN_INPUTS = ("weights", "advantages", "logprobs", "mask", "sequence_ratio_mask")
 INSTALL_HINT = "pip install megatron-core==0.16.1"
 
 
@@ -47,21 +47,6 @@ class _Prepared:
     tokens: list[np.ndarray]  # each (N,) int64
     targets: list[np.ndarray]  # each (N,) or (N, K) int64
     inputs: list[dict[str, torch.Tensor]]  # loss_fn_inputs as tensors (rank 0 only)
-
-
-def _int_array(value: Any, field: str) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64)
-    if arr.size == 0 or (arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
-        return arr.astype(np.int64)
-    raise UserError(f"{field}: token ids must be integers, got dtype {arr.dtype}")
-
-
-def _check_range(arr: np.ndarray, vocab: int, field: str) -> None:
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
-        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
-        raise UserError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
 
 
 class MegatronTrainingBackend:
@@ -207,42 +192,7 @@ class MegatronTrainingBackend:
             raise UserError("data: empty batch")
         tokens, targets, inputs = [], [], []
         for i, datum in enumerate(request.data):
-            ids = _int_array(datum.tokens, f"data[{i}].model_input")
-            if ids.ndim != 1 or ids.size == 0:
-                raise UserError(
-                    f"data[{i}].model_input: expected a non-empty 1-D token list, got shape {tuple(ids.shape)}"
-                )
-            n = int(ids.size)
-            _check_range(ids, vocab, f"data[{i}].model_input")
-            if max_len and n > max_len:
-                raise UserError(f"data[{i}].model_input: {n} tokens exceed the model's context length {max_len}")
-            fn_inputs = dict(datum.loss_fn_inputs or {})
-            if "target_tokens" not in fn_inputs:
-                raise UserError(f"data[{i}].loss_fn_inputs.target_tokens: required")
-            target = _int_array(fn_inputs["target_tokens"], f"data[{i}].loss_fn_inputs.target_tokens")
-            if target.ndim not in (1, 2) or target.shape[0] != n or (target.ndim == 2 and target.shape[1] == 0):
-                raise UserError(
-                    f"data[{i}].loss_fn_inputs.target_tokens: shape {tuple(target.shape)} does not match model_input "
-                    f"length {n} (expected (N,) or (N, K))"
-                )
-            _check_range(target, vocab, f"data[{i}].loss_fn_inputs.target_tokens")
-            converted: dict[str, torch.Tensor] = {"target_tokens": torch.tensor(target, device=self.device)}
-            for key, value in fn_inputs.items():
-                if key == "target_tokens":
-                    continue
-                arr = np.asarray(value)
-                if key in PER_TOKEN_INPUTS and (
-                    arr.ndim == 0 or arr.shape[0] != n or (arr.ndim == 2 and arr.shape != target.shape)
-                ):
-                    raise UserError(
-                        f"data[{i}].loss_fn_inputs.{key}: shape {tuple(arr.shape)} does not match target_tokens "
-                        f"{tuple(target.shape)}"
-                    )
-                if arr.dtype.kind not in "biuf":
-                    raise UserError(f"data[{i}].loss_fn_inputs.{key}: expected numbers, got dtype {arr.dtype}")
-                converted[key] = torch.tensor(
-                    arr, dtype=torch.float32 if arr.dtype.kind == "f" else torch.int64, device=self.device
-                )
+            ids, target, converted = check_datum(i, datum, vocab, vocab, max_len, self.device)
             tokens.append(np.ascontiguousarray(ids))
             targets.append(np.ascontiguousarray(target))
             inputs.append(converted)
@@ -342,8 +292,8 @@ class MegatronTrainingBackend:
         """Write the adapter in PEFT format with HF key names (+ optimizer.pt if asked). Returns bytes written."""
         from safetensors.torch import save_file
 
+        from backends.datum_checks import ADAPTER_WEIGHTS, OPTIMIZER_STATE
         from backends.hf import lora_config, lora_targets
-        from backends.megatron_rank import ADAPTER_WEIGHTS, OPTIMIZER_STATE
 
         adapter = self._get(model_id)
         exported = self._call("export", model_id, with_optimizer)

@@ -11,7 +11,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from backends.base import AdamSpec, LoraSpec
+from backends.datum_checks import read_checkpoint
 from backends.hf import lora_targets
 from backends.megatron_lora import LoraModule, Routing, attach, detach, initial_weights, install, peft_keys, shard
 from backends.megatron_model import HFWeights, Layout, ModelShape, build_gpt, load_hf_weights, shape_from_hf
@@ -28,8 +28,6 @@ from core.errors import UserError
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-OPTIMIZER_STATE = "optimizer.pt"
 
 # One pass's work for one adapter: (model_id, tokens per datum (N,), target_tokens per datum (N,) or (N, K), train).
 PassItem = tuple[str, list[np.ndarray], list[np.ndarray], bool]
@@ -273,34 +271,10 @@ class MegatronRank:
 
     def load(self, model_id: str, directory: str, with_optimizer: bool) -> None:
         """Restore PEFT-format weights (and optimizer.pt) written by either backend; every rank reads its shards."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         adapter = self.adapters[model_id]
-        src = Path(directory)
-        if not (src / ADAPTER_WEIGHTS).is_file():
-            raise UserError(f"path: no {ADAPTER_WEIGHTS} in the checkpoint")
-        try:
-            state = {k: v for k, v in load_file(str(src / ADAPTER_WEIGHTS)).items() if ".lora_" in k}
-        except (SafetensorError, OSError) as exc:
-            raise UserError(f"path: unreadable adapter weights ({exc})") from exc
-        missing = sorted(set(adapter.params) - set(state))
-        unexpected = sorted(set(state) - set(adapter.params))
-        wrong = sorted(k for k in adapter.params if k in state and tuple(state[k].shape) != adapter.full_shapes[k])
-        if missing or unexpected or wrong:
-            raise UserError(
-                "path: checkpoint does not match this adapter's LoRA config (rank / trained modules): "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
-            )
-        optimizer_state = None
-        if with_optimizer:
-            if not (src / OPTIMIZER_STATE).is_file():
-                raise UserError(
-                    f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer"
-                )
-            optimizer_state = self._shard_optimizer(
-                adapter, torch.load(src / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
-            )
+        state, optimizer_state = read_checkpoint(directory, adapter.full_shapes, with_optimizer, "cpu")
+        if optimizer_state is not None:
+            optimizer_state = self._shard_optimizer(adapter, optimizer_state)
         with torch.no_grad():
             for key, param in adapter.params.items():
                 dim, held = adapter.split[key]
