@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from backends.base import AdamSpec, FwdBwdRequest, FwdBwdResult, LoraSpec
-from backends.datum_checks import ADAPTER_WEIGHTS, OPTIMIZER_STATE, check_datum, read_checkpoint
 from backends.hf import (
     LoadedBase,
     get_base,
@@ -29,6 +28,7 @@ from backends.hf import (
     torch_device,
 )
 from backends.multilora import pack
+from backends.train_checks import ADAPTER_WEIGHTS, OPTIMIZER_STATE, check_adam, check_datum, read_checkpoint, step_adam
 from core.errors import NotFound, UserError
 from core.settings import Settings
 
@@ -231,18 +231,7 @@ class HFTrainingBackend:
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
         """AdamW step on the accumulated gradients (clipped when grad_clip_norm > 0), then zero them."""
         adapter = self._get(model_id)
-        checks = {
-            "learning_rate": adam.learning_rate >= 0,
-            "beta1": 0 <= adam.beta1 < 1,
-            "beta2": 0 <= adam.beta2 < 1,
-            "eps": adam.eps >= 0,
-            "weight_decay": adam.weight_decay >= 0,
-            "grad_clip_norm": adam.grad_clip_norm >= 0,
-        }
-        for key, ok in checks.items():
-            value = getattr(adam, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-                raise UserError(f"adam_params.{key}: invalid value {value!r}")
+        check_adam(adam)
         params = list(adapter.params.values())
         with adapter.base.lock:
             grads = [p.grad for p in params if p.grad is not None]
@@ -252,15 +241,7 @@ class HFTrainingBackend:
                 norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
             else:
                 norm = 0.0
-            for group in adapter.optimizer.param_groups:
-                group.update(
-                    lr=float(adam.learning_rate),
-                    betas=(float(adam.beta1), float(adam.beta2)),
-                    eps=float(adam.eps),
-                    weight_decay=float(adam.weight_decay),
-                )
-            adapter.optimizer.step()
-            adapter.optimizer.zero_grad(set_to_none=True)
+            step_adam(adapter.optimizer, adam)
         adapter.steps += 1
         return {"grad_norm:mean": norm, "learning_rate:mean": float(adam.learning_rate)}
 

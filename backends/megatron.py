@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from backends.base import AdamSpec, FwdBwdRequest, FwdBwdResult, LoraSpec
-from backends.datum_checks import check_datum
 from backends.loader import BackendUnavailable
+from backends.train_checks import check_adam, check_datum
 from core.errors import NotFound, UserError
 from core.settings import Settings
 
@@ -256,18 +256,7 @@ class MegatronTrainingBackend:
     def optim_step(self, model_id: str, adam: AdamSpec) -> dict[str, float]:
         """AdamW step on the accumulated gradients (clipped when grad_clip_norm > 0), then zero them."""
         adapter = self._get(model_id)
-        checks = {
-            "learning_rate": adam.learning_rate >= 0,
-            "beta1": 0 <= adam.beta1 < 1,
-            "beta2": 0 <= adam.beta2 < 1,
-            "eps": adam.eps >= 0,
-            "weight_decay": adam.weight_decay >= 0,
-            "grad_clip_norm": adam.grad_clip_norm >= 0,
-        }
-        for key, ok in checks.items():
-            value = getattr(adam, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-                raise UserError(f"adam_params.{key}: invalid value {value!r}")
+        check_adam(adam)
         metrics = self._call("optim_step", model_id, adam)
         adapter.steps += 1
         return metrics
@@ -292,8 +281,8 @@ class MegatronTrainingBackend:
         """Write the adapter in PEFT format with HF key names (+ optimizer.pt if asked). Returns bytes written."""
         from safetensors.torch import save_file
 
-        from backends.datum_checks import ADAPTER_WEIGHTS, OPTIMIZER_STATE
         from backends.hf import lora_config, lora_targets
+        from backends.train_checks import ADAPTER_WEIGHTS, OPTIMIZER_STATE
 
         adapter = self._get(model_id)
         exported = self._call("export", model_id, with_optimizer)

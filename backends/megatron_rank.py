@@ -20,10 +20,10 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from backends.base import AdamSpec, LoraSpec
-from backends.datum_checks import read_checkpoint
 from backends.hf import lora_targets
 from backends.megatron_lora import LoraModule, Routing, attach, detach, initial_weights, install, peft_keys, shard
 from backends.megatron_model import HFWeights, Layout, ModelShape, build_gpt, load_hf_weights, shape_from_hf
+from backends.train_checks import read_checkpoint, step_adam
 from core.errors import UserError
 from core.settings import Settings
 
@@ -215,15 +215,7 @@ class MegatronRank:
         norm = self._grad_norm(adapter)
         if adam.grad_clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, torch.tensor(norm, device=self.device))
-        for group in adapter.optimizer.param_groups:
-            group.update(
-                lr=float(adam.learning_rate),
-                betas=(float(adam.beta1), float(adam.beta2)),
-                eps=float(adam.eps),
-                weight_decay=float(adam.weight_decay),
-            )
-        adapter.optimizer.step()
-        adapter.optimizer.zero_grad(set_to_none=True)
+        step_adam(adapter.optimizer, adam)
         return {"grad_norm:mean": norm, "learning_rate:mean": float(adam.learning_rate)}
 
     def _grad_norm(self, adapter: RankAdapter) -> float:

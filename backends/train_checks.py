@@ -1,16 +1,19 @@
-"""Checks every training backend makes on a forward/backward datum and on a checkpoint it loads, in one place.
+"""Checks every training backend makes on a forward/backward datum, on Adam's parameters and on a checkpoint it
+loads, in one place.
 
 A failure is a UserError naming the field (`data[i].loss_fn_inputs.weights: …`), the same whichever backend runs.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from backends.base import AdamSpec
 from core.errors import UserError
 
 # loss_fn_inputs that carry one value per target position, so their shape must follow target_tokens.
@@ -111,3 +114,31 @@ def read_checkpoint(
     if not (src / OPTIMIZER_STATE).is_file():
         raise UserError(f"path: checkpoint has no optimizer state ({OPTIMIZER_STATE}); load it without the optimizer")
     return state, torch.load(src / OPTIMIZER_STATE, map_location=map_location, weights_only=True)
+
+
+def check_adam(adam: AdamSpec) -> None:
+    checks = {
+        "learning_rate": adam.learning_rate >= 0,
+        "beta1": 0 <= adam.beta1 < 1,
+        "beta2": 0 <= adam.beta2 < 1,
+        "eps": adam.eps >= 0,
+        "weight_decay": adam.weight_decay >= 0,
+        "grad_clip_norm": adam.grad_clip_norm >= 0,
+    }
+    for key, ok in checks.items():
+        value = getattr(adam, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+            raise UserError(f"adam_params.{key}: invalid value {value!r}")
+
+
+def step_adam(optimizer: torch.optim.Optimizer, adam: AdamSpec) -> None:
+    """One AdamW step with this request's hyperparameters, then the gradients are dropped."""
+    for group in optimizer.param_groups:
+        group.update(
+            lr=float(adam.learning_rate),
+            betas=(float(adam.beta1), float(adam.beta2)),
+            eps=float(adam.eps),
+            weight_decay=float(adam.weight_decay),
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
