@@ -12,7 +12,7 @@ import time
 from flask import Flask, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from core.errors import NotFound, UserError
+from core.errors import NotFound, QuotaExceeded, UserError
 from core.registry import Registry
 from core.settings import Settings
 
@@ -49,6 +49,17 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @app.errorhandler(UserError)
     def user_error(exc: UserError):
         return jsonify(error=str(exc), category="user"), 404 if isinstance(exc, NotFound) else 400
+
+    @app.errorhandler(QuotaExceeded)
+    def quota_exceeded(exc: QuotaExceeded):
+        """429 + Retry-After for what frees itself (the SDK retries it with the same seq_id); 403 for what the key's
+        owner must free, which the SDK must not retry (x-should-retry, read by its client)."""
+        response = jsonify(error=str(exc), category="user")
+        response.status_code = exc.status
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        response.headers["x-should-retry"] = "true" if exc.status == 429 else "false"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -115,14 +115,15 @@ def queue_kind(name: str) -> str:
     return name.split(".", 1)[0] if name.startswith(QUEUE_PREFIXES) else "default"
 
 
-def queue_depths(broker: redis.Redis, workers: list[dict[str, Any]]) -> dict[str, int]:
-    """Messages waiting in each Tinkerbell queue: the broker's lists, plus the live workers' queues at 0 when empty."""
+def queue_depths(broker: redis.Redis, workers: list[dict[str, Any]], scan: bool = True) -> dict[str, int]:
+    """Messages waiting in each Tinkerbell queue: the live workers' queues (0 when empty) and, with scan, every other
+    queue list the broker holds (a dead worker's, say): a SCAN of the whole keyspace, for /metrics only."""
     names = {DEFAULT_QUEUE}
     for worker in workers:
         names.add(f"worker.{worker['name']}")
         names.update(f"adapter.{model_id}" for model_id in worker.get("adapters", []))
         names.update(f"sample.{base_model}" for base_model in worker.get("base_models", []))
-    for key in broker.scan_iter(match="[aws]*.*", count=1000):  # adapter.*, worker.*, sample.* in one pass
+    for key in broker.scan_iter(match="[aws]*.*", count=1000) if scan else ():  # adapter.*, worker.*, sample.*
         name = key.decode() if isinstance(key, bytes) else key
         if name.startswith(QUEUE_PREFIXES) and PRIORITY_SEP not in name:
             names.add(name)
@@ -153,14 +154,22 @@ def pending_futures(registry: Registry, backend: Any) -> int:
     return len(ids) - len(done)
 
 
-def snapshot(app: Flask) -> dict[str, Any]:
-    """Everything the status page and /metrics report, read from Redis once."""
+def snapshot(app: Flask, cheap: bool = False) -> dict[str, Any]:
+    """Everything the status page and /metrics report, read from Redis once.
+
+    cheap (the status page, refreshed every 2 s by every open browser): no keyspace scan, so only live workers'
+    queues, and the pending futures counted as listed (workers take each one off when its result is stored)
+    instead of checked one by one against the result backend."""
     registry: Registry = app.config["REGISTRY"]
     workers = registry.live_workers()
     return {
         "workers": workers,
-        "queues": queue_depths(broker_client(app), workers),
-        "futures_pending": pending_futures(registry, app.config["SERVICE"].results),
+        "queues": queue_depths(broker_client(app), workers, scan=not cheap),
+        "futures_pending": (
+            int(registry.redis.zcard(PENDING_FUTURES))
+            if cheap
+            else pending_futures(registry, app.config["SERVICE"].results)
+        ),
         "stats": registry.stats(),
     }
 
@@ -279,7 +288,7 @@ def status_document(app: Flask) -> dict[str, Any]:
 
     Adapter queues are summed per worker and model ids are left out: they are other keys' business.
     """
-    snap = snapshot(app)
+    snap = snapshot(app, cheap=True)
     queues = snap["queues"]
     workers = []
     for worker in snap["workers"]:

@@ -13,8 +13,9 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from celery import Celery
@@ -25,12 +26,13 @@ from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
 from backends.models import is_known_model
-from core.errors import NotFound, UserError
-from core.registry import OUTBOX_GRACE_S, Outgoing, Registry
+from core.errors import NotFound, QuotaExceeded, UserError
+from core.registry import OUTBOX_GRACE_S, Outgoing, Registry, checkpoint_bytes_error
 from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue, worker_queue
 
 log = logging.getLogger("tinkerbell.api")
+_T = TypeVar("_T")
 
 EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiting for
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -119,7 +121,11 @@ class Service:
     ) -> None:
         """Record the future of a task that needs no ordering (create an adapter, sample), then publish it."""
         own = (task, kwargs, json.dumps(summary))
-        outgoing = self.registry.push(queue, encode_message(*own), request_id, owner, kind, model_id)
+        message = encode_message(*own)
+        limited = kind != "create_model"  # creates are bounded by the adapters limit
+        outgoing = self._within_queue_limit(
+            owner, lambda: self.registry.push(queue, message, request_id, owner, kind, model_id, limited=limited)
+        )
         self._send([outgoing], {request_id: own})
         self._sweep_now_and_then()
 
@@ -136,12 +142,21 @@ class Service:
         """Admit a request that touches the owner's model (one atomic script, which also checks the model is the
         owner's and releases each seq_id once, in order), then publish what it made ready, in seq_id order."""
         seq_id = validate.seq_id(seq_id)
-        if seq_id is None:
+        reserved = seq_id is None
+        if reserved:
             seq_id = self.registry.next_seq(model_id, owner)
         request_id = str(uuid.uuid4())
         own = (task, {**kwargs, "seq_id": seq_id}, json.dumps({**summary, "seq_id": seq_id}))
         queue = adapter_queue(model_id)
-        answer_id, ready = self.registry.submit(model_id, seq_id, request_id, encode_message(*own), queue, owner, kind)
+        message = encode_message(*own)
+        try:
+            answer_id, ready = self._within_queue_limit(
+                owner, lambda: self.registry.submit(model_id, seq_id, request_id, message, queue, owner, kind)
+            )
+        except QuotaExceeded:
+            if reserved:  # the seq_id handed out here is nobody's to resend: later requests must not wait for it
+                self.skip_seq(owner, model_id, seq_id)
+            raise
         if answer_id.startswith(EXPIRED):
             raise UserError(
                 f"seq_id {seq_id}: arrived after {model_id}'s later requests waited "
@@ -150,6 +165,33 @@ class Service:
         self._send(ready, {request_id: own})
         self._sweep_now_and_then()
         return answer_id
+
+    def _within_queue_limit(self, owner: str, admit: Callable[[], _T]) -> _T:
+        """admit(), and once more if the owner's queued-requests limit refused it but the count held requests that
+        had finished without being counted out (Registry.prune_queued); QuotaExceeded (429) if it is still full."""
+        try:
+            return admit()
+        except QuotaExceeded as exc:
+            if exc.status != 429 or self.registry.prune_queued(owner, self._have_results) >= (
+                self.settings.max_queued_requests_per_key
+            ):
+                raise
+            return admit()
+
+    def _have_results(self, request_ids: list[str]) -> list[bool]:
+        with self.results.client.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.exists(self.results.get_key_for_task(request_id))
+            return [bool(found) for found in pipe.execute()]
+
+    def check_checkpoint_room(self, owner: str) -> None:
+        """Refuse a save (403) when the owner's checkpoints already fill TINKERBELL_MAX_CHECKPOINT_BYTES_PER_KEY; the
+        worker checks the written size against it too (a save that would cross it fails its future)."""
+        limit = self.settings.max_checkpoint_bytes_per_key
+        if limit > 0:
+            stored = self.registry.usage(owner)["checkpoint_bytes"]
+            if stored >= limit:
+                raise checkpoint_bytes_error(self.settings, stored)
 
     def skip_seq(self, owner: str, model_id: str, seq_id: int) -> None:
         """Use up the seq_id of a request api/ refused (HTTP 4xx), so the model's later requests are not held behind it.
@@ -351,6 +393,8 @@ class Service:
                 "(a name, not a tinker:// path; no '/', NUL or '..')"
             )
         ttl_seconds = validate.ttl_seconds(ttl_seconds)
+        if sampler_id is None:  # sampler snapshots are counted, not refused: TINKERBELL_EPHEMERAL_KEEP bounds them
+            self.check_checkpoint_room(owner)
         kwargs = {
             "model_id": model_id,
             "name": name,

@@ -62,11 +62,12 @@ def _check_optimizer(config: Any) -> None:
 
 @contextmanager
 def _refusal_uses_seq(model_id: Any, seq_id: int | None) -> Iterator[None]:
-    """A request refused here still used up its seq_id on the client; admit it as a no-op so later ones run."""
+    """A request refused here still used up its seq_id on the client; admit it as a no-op so later ones run. Not
+    one refused with 429 (the owner's queue is full): the SDK sends that one again with the same seq_id."""
     try:
         yield
-    except UserError:
-        if isinstance(model_id, str) and seq_id is not None:
+    except UserError as exc:
+        if isinstance(model_id, str) and seq_id is not None and getattr(exc, "status", None) != 429:
             service().skip_seq(g.owner, model_id, seq_id)
         raise
 

@@ -22,12 +22,11 @@ from flask import Blueprint, current_app, g, jsonify, request, send_file
 from api import validate
 from api.auth import public
 from api.jsonwire import body
-from core.errors import NotFound, UserError
+from core.errors import NotFound, QuotaExceeded, UserError
 from core.registry import Registry
 
 rest_bp = Blueprint("tinker_rest", __name__)
 
-DOWNLOAD_TTL_S = 3600
 MAX_PAGE = 1000  # items per listing page; limit=0 asks for this many
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
@@ -220,7 +219,11 @@ def copy_weights():
         "ephemeral": False,
         "copied_from": source["tinker_path"],
     }
-    registry().add_checkpoint(run_id, record)
+    try:
+        registry().add_checkpoint(run_id, record, limited=True)  # the copy's bytes are the caller's to store
+    except QuotaExceeded:
+        shutil.rmtree(target.parent.parent, ignore_errors=True)
+        raise
     if key and not redis.set(idem, path, nx=True, ex=COPY_IDEMPOTENCY_S):  # a concurrent resend won: answer its copy
         registry().delete_checkpoint(run_id, source["checkpoint_id"])
         shutil.rmtree(target.parent.parent, ignore_errors=True)
@@ -246,7 +249,8 @@ def _files(directory: Path) -> list[str]:
 
 @rest_bp.get("/training_runs/<run_id>/checkpoints/<path:checkpoint_id>/external_weights_urls")
 def external_weights_urls(run_id: str, checkpoint_id: str):
-    """{urls: {relpath: signed url}, expires}; each url is a plain GET on this API, valid DOWNLOAD_TTL_S."""
+    """{urls: {relpath: signed url}, expires}; each url is a plain GET on this API for that one file, valid
+    TINKERBELL_DOWNLOAD_LINK_TTL_S."""
     record = owned_checkpoint(run_id, checkpoint_id)
     if record["checkpoint_type"] == "sampler":
         raise UserError(
@@ -256,8 +260,9 @@ def external_weights_urls(run_id: str, checkpoint_id: str):
     directory = Path(record["dir"])
     if not directory.is_dir():
         raise NotFound(f"checkpoint_id: {checkpoint_id} has no files (was it deleted?)")
-    expires = int(time.time()) + DOWNLOAD_TTL_S
-    base = current_app.config["SETTINGS"].public_url.rstrip("/") or request.host_url.rstrip("/")
+    settings = current_app.config["SETTINGS"]
+    expires = int(time.time()) + settings.download_link_ttl_s
+    base = settings.public_url.rstrip("/") or request.host_url.rstrip("/")
     urls = {}
     for relpath in _files(directory):
         target = f"{run_id}/{checkpoint_id}/{relpath}"

@@ -12,3 +12,15 @@ class UserError(Exception):
 
 class NotFound(UserError):
     """The named object does not exist or belongs to another key (the two are not told apart)."""
+
+
+class QuotaExceeded(UserError):
+    """A per-key limit (TINKERBELL_MAX_*_PER_KEY) is reached; the message names the limit and the current use.
+
+    status 429 (retry_after_s set): the use falls by itself as requests finish, so the SDK's retry is the right
+    answer. status 403: only the key's owner can free it (remove an adapter, delete checkpoints)."""
+
+    def __init__(self, message: str, status: int = 403, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s

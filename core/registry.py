@@ -7,6 +7,7 @@ so one key can never tell another key's objects from missing ones.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import redis
 
-from core.errors import NotFound
+from core.errors import NotFound, QuotaExceeded
 from core.settings import Settings
 
 P = "tb:"  # every registry key starts with this
@@ -27,7 +28,34 @@ FUTURE_TTL_S = 7 * 86400
 
 
 def hash_key(api_key: str) -> str:
+    """Keys are 256 random bits, so a plain SHA-256 is enough to store them (nothing to brute-force)."""
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def queued_key(owner: str) -> str:
+    """The owner's requests accepted and without a stored result (zset request_id -> admitted)."""
+    return P + f"owner:{owner}:queued"
+
+
+def checkpoint_bytes_key(owner: str) -> str:
+    return P + f"owner:{owner}:ckpt_bytes"
+
+
+def queue_full_error(settings: Settings, count: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"TINKERBELL_MAX_QUEUED_REQUESTS_PER_KEY: this API key has {count} requests queued or running, the limit is "
+        f"{settings.max_queued_requests_per_key}; send more when some have finished",
+        status=429,
+        retry_after_s=1,
+    )
+
+
+def checkpoint_bytes_error(settings: Settings, stored: int, adding: int | None = None) -> QuotaExceeded:
+    more = f" and this one is {adding} bytes" if adding else ""
+    return QuotaExceeded(
+        f"TINKERBELL_MAX_CHECKPOINT_BYTES_PER_KEY: this API key stores {stored} bytes of checkpoints{more}, the limit "
+        f"is {settings.max_checkpoint_bytes_per_key}; delete checkpoints (or set a ttl) before saving more"
+    )
 
 
 def _dumps(value: Any) -> str:
@@ -41,12 +69,24 @@ def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
 
 # Records a future for /retrieve_future (owner, kind and model_id are JSON) and lists it as pending for /metrics,
 # keeping that list bounded even if nobody scrapes. Prepended to the scripts that create requests.
+# The request is also listed in its owner's queued set (OWNER_QUEUED) until a worker has stored its result: the
+# per-key count of requests queued or running is that set's ZCARD. queue_full answers that count when the set is at
+# the limit (0: none), and lets an `exempt` request in up to twice the limit (one that fills a seq_id gap, which
+# the requests held behind it wait for).
 _FUTURE_LUA = """
-local function record_future(key, pending, request_id, owner, kind, model_id, now, ttl, cap)
+local function record_future(key, pending, request_id, owner, kind, model_id, now, ttl, cap, queued)
   redis.call('HSET', key, 'owner', owner, 'kind', kind, 'model_id', model_id, 'created', now)
   redis.call('EXPIRE', key, ttl)
   redis.call('ZADD', pending, now, request_id)
   redis.call('ZREMRANGEBYRANK', pending, 0, -tonumber(cap) - 1)
+  redis.call('ZADD', queued, now, request_id)
+end
+local function queue_full(queued, limit, exempt)
+  limit = tonumber(limit)
+  if limit <= 0 then return false end
+  local n = redis.call('ZCARD', queued)
+  if n < limit or (exempt and n < 2 * limit) then return false end
+  return n
 end
 """
 
@@ -82,14 +122,15 @@ end
 # KEYS: 1 ids hash (seq -> request id), 2 admitted zset, 3 pending hash (seq -> message; '' = nothing to run),
 #       4 next seq counter, 5 held-since hash, 6 the future's hash, 7 pending-futures zset, 8 the outbox hash,
 #       9 the outbox's due zset, 10 the model's record.
+#       11 the owner's queued set.
 # ARGV: 1 seq_id, 2 request id, 3 message, 4 queue, 5 now, 6 the owner the model must have (JSON; '' = no check),
 #       7 the future's kind (JSON; '' = record no future), 8 model_id (JSON), 9 future ttl seconds,
-#       10 pending-futures cap.
+#       10 pending-futures cap, 11 the owner's queued-requests limit (0: none).
 # Returns {request id to answer with, status, then request id and message of each request now ready, in seq_id
 # order (the message is '' for this call's own request: the caller has it)}; status 1: admitted, 0: a seq_id seen
 # before (it answers with its first id), -1: the model is not the owner's (or was removed), 2: a seq_id below the
 # next expected that was never admitted: a gap the model stopped waiting for (_RELEASE_GAP_LUA), answered
-# 'expired-<request id>'.
+# 'expired-<request id>', 3: the owner's queued-requests limit is reached (then the count follows; nothing recorded).
 _SUBMIT_LUA = (
     _FUTURE_LUA
     + _RELEASE_RUN_LUA
@@ -102,10 +143,15 @@ local seq = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], seq)
 if existing then return {existing, 0} end
 if tonumber(seq) < tonumber(redis.call('GET', KEYS[4]) or '1') then return {'expired-' .. ARGV[2], 2} end
+if ARGV[7] ~= '' then
+  local top = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local full = queue_full(KEYS[11], ARGV[11], top[2] ~= nil and tonumber(seq) < tonumber(top[2]))
+  if full then return {'', 3, full} end
+end
 redis.call('HSET', KEYS[1], seq, ARGV[2])
 redis.call('ZADD', KEYS[2], seq, seq)
 if ARGV[7] ~= '' then
-  record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10])
+  record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10], KEYS[11])
 end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
 local first = tonumber(redis.call('GET', KEYS[4]) or '1')
@@ -141,17 +187,87 @@ return out
 )
 
 # A request that needs no ordering (create an adapter, sample): record its future and put it in the outbox.
-# KEYS: 1 the future's hash, 2 pending-futures zset, 3 the outbox hash, 4 the outbox's due zset.
-# ARGV: 1 queue, 2 message, 3 request id, 4-6 owner/kind/model_id (JSON), 7 now, 8 ttl, 9 cap.
+# KEYS: 1 the future's hash, 2 pending-futures zset, 3 the outbox hash, 4 the outbox's due zset, 5 the owner's
+# queued set. ARGV: 1 queue, 2 message, 3 request id, 4-6 owner/kind/model_id (JSON), 7 now, 8 ttl, 9 cap,
+# 10 the owner's queued-requests limit (0: none). Returns {1}, or {0, count} when the limit is reached.
 _PUSH_LUA = (
     _FUTURE_LUA
     + """
-record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local full = queue_full(KEYS[5], ARGV[10], false)
+if full then return {0, full} end
+record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], KEYS[5])
 redis.call('HSET', KEYS[3], ARGV[3], cjson.encode({ARGV[1], ARGV[2]}))
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[3])
-return 1
+return {1}
 """
 )
+
+# A worker stored a request's result: it is no longer pending, nor queued for its owner. Idempotent.
+# KEYS: 1 the future's hash, 2 pending-futures zset. ARGV: 1 request id, 2 the registry prefix.
+_FINISH_LUA = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then redis.call('ZREM', ARGV[2] .. 'owner:' .. cjson.decode(owner) .. ':queued', ARGV[1]) end
+return 1
+"""
+
+# A new adapter, within its owner's limit on live adapters (their owner:<owner>:models zset, which delete_model
+# leaves). KEYS: 1 the model's record, 2 the owner's models zset. ARGV: 1 owner (JSON), 2 model_id, 3 now,
+# 4 limit (0: none). Returns {1} created, {0} exists already (a re-send), {-1, count} at the limit.
+_CREATE_MODEL_LUA = """
+if redis.call('HEXISTS', KEYS[1], 'owner') == 1 then return {0} end
+local limit = tonumber(ARGV[4])
+if limit > 0 then
+  local n = redis.call('ZCARD', KEYS[2])
+  if n >= limit then return {-1, n} end
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+return {1}
+"""
+
+# Checkpoint records and their owners' stored bytes (owner:<owner>:ckpt_bytes), changed together. A record replaced
+# under the same id gives back its old size first. KEYS: 1 the model's checkpoint hash, 2 the expiry index, 3 the new
+# record owner's bytes counter. ARGV: 1 checkpoint_id, 2 record JSON, 3 expiry member, 4 expires_at ('' = none),
+# 5 size, 6 limit in bytes (0: no check), 7 the registry prefix. Returns {1, bytes stored now}, or {-1, bytes stored}
+# when the record would take the owner past the limit (nothing written).
+_ADD_CHECKPOINT_LUA = """
+local size = tonumber(ARGV[5])
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local old_size, old_key = 0, nil
+if old then
+  local record = cjson.decode(old)
+  if type(record.owner) == 'string' and tonumber(record.size_bytes) then
+    old_size, old_key = tonumber(record.size_bytes), ARGV[7] .. 'owner:' .. record.owner .. ':ckpt_bytes'
+  end
+end
+local stored = tonumber(redis.call('GET', KEYS[3]) or '0')
+local limit = tonumber(ARGV[6])
+if limit > 0 and size > 0 then
+  local after = stored + size
+  if old_key == KEYS[3] then after = after - old_size end
+  if after > limit then return {-1, stored} end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) else redis.call('ZREM', KEYS[2], ARGV[3]) end
+if old_key then redis.call('DECRBY', old_key, old_size) end
+if size > 0 then redis.call('INCRBY', KEYS[3], size) end
+return {1, tonumber(redis.call('GET', KEYS[3]) or '0')}
+"""
+
+# KEYS: 1 the model's checkpoint hash, 2 the expiry index. ARGV: 1 checkpoint_id, 2 expiry member, 3 prefix.
+_DELETE_CHECKPOINT_LUA = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+if old then
+  local record = cjson.decode(old)
+  if type(record.owner) == 'string' and tonumber(record.size_bytes) then
+    redis.call('DECRBY', ARGV[3] .. 'owner:' .. record.owner .. ':ckpt_bytes', tonumber(record.size_bytes))
+  end
+end
+return 1
+"""
 
 # The outbox entries that became ready before a cutoff, claimed (their time set to now, so that another API
 # process sweeping at the same moment does not take them too). KEYS: 1 outbox hash, 2 due zset.
@@ -235,7 +351,14 @@ class Registry:
         return api_key
 
     def lookup_key(self, api_key: str) -> dict[str, Any] | None:
-        return self._get(f"key:{hash_key(api_key)}")
+        """The key's record, found by the SHA-256 of the presented key (never the key itself: Redis's lookup time
+        depends only on a digest the caller cannot steer), then checked in constant time (hmac.compare_digest)
+        against the key id derived from that digest when the key was made."""
+        digest = hash_key(api_key)
+        record = self._get(f"key:{digest}")
+        if record is None or not hmac.compare_digest(str(record.get("key_id", "")), digest[:16]):
+            return None
+        return record
 
     def list_keys(self) -> list[dict[str, Any]]:
         return [r for d in self.redis.hvals(P + "keys") if (r := self._get(f"key:{d}"))]
@@ -298,10 +421,21 @@ class Registry:
         worker: str,
         user_metadata: dict | None = None,
     ) -> bool:
-        """Record a new adapter; False if model_id already exists (the create is then a re-send)."""
+        """Record a new adapter; False if model_id already exists (the create is then a re-send).
+
+        QuotaExceeded (403) when the owner already holds TINKERBELL_MAX_ADAPTERS_PER_KEY live adapters."""
         now = time.time()
-        if not self.redis.hsetnx(P + f"model:{model_id}", "owner", _dumps(owner)):
+        limit = self.settings.max_adapters_per_key
+        created, *count = self._script("_create_model", _CREATE_MODEL_LUA)(
+            keys=[P + f"model:{model_id}", P + f"owner:{owner}:models"], args=[_dumps(owner), model_id, now, limit]
+        )
+        if created == 0:
             return False
+        if created < 0:
+            raise QuotaExceeded(
+                f"TINKERBELL_MAX_ADAPTERS_PER_KEY: this API key holds {count[0]} live adapters, the limit is {limit}; "
+                "remove one (training_client / remove_lora) before creating another"
+            )
         self._put(
             f"model:{model_id}",
             {
@@ -399,7 +533,9 @@ class Registry:
         it released, in seq_id order) are in the outbox: publish each, then `mark_published`.
         message: what api/ publishes for the request, or "" for a seq_id that runs nothing.
         owner: NotFound unless the model is this owner's (None: no check, for the service's own bookkeeping).
-        kind: record the newly admitted request's future, of this kind, for the owner.
+        kind: record the newly admitted request's future, of this kind, for the owner; QuotaExceeded (429) when the
+        owner has TINKERBELL_MAX_QUEUED_REQUESTS_PER_KEY requests without a result (one that fills a gap its model's
+        held requests wait for may go up to twice that).
         """
         base = P + f"seq:{model_id}"
         keys = [
@@ -425,18 +561,32 @@ class Registry:
             _dumps(model_id),
             FUTURE_TTL_S,
             PENDING_FUTURES_MAX,
+            self.settings.max_queued_requests_per_key if owner is not None else 0,
         ]
+        keys.append(queued_key(owner if owner is not None else LOCAL_OWNER))
         answer_id, status, *ready = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
         if status == -1:
             raise NotFound(f"model_id: no such model '{model_id}'")
+        if status == 3:
+            raise queue_full_error(self.settings, int(ready[0]))
         pairs = zip(ready[::2], ready[1::2])
         return answer_id, [Outgoing(rid, queue, raw or message) for rid, raw in pairs]
 
     def push(
-        self, queue: str, message: str, request_id: str, owner: str, kind: str, model_id: str | None = None
+        self,
+        queue: str,
+        message: str,
+        request_id: str,
+        owner: str,
+        kind: str,
+        model_id: str | None = None,
+        limited: bool = True,
     ) -> Outgoing:
-        """Record a request's future and put it in the outbox, atomically: publish it, then `mark_published`."""
-        keys = [P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE]
+        """Record a request's future and put it in the outbox, atomically: publish it, then `mark_published`.
+
+        limited: QuotaExceeded (429) when the owner has TINKERBELL_MAX_QUEUED_REQUESTS_PER_KEY requests without a
+        result (creates are not limited here: the adapters limit bounds them)."""
+        keys = [P + f"future:{request_id}", PENDING_FUTURES, OUTBOX, OUTBOX_DUE, queued_key(owner)]
         args = [
             queue,
             message,
@@ -447,9 +597,54 @@ class Registry:
             time.time(),
             FUTURE_TTL_S,
             PENDING_FUTURES_MAX,
+            self.settings.max_queued_requests_per_key if limited else 0,
         ]
-        self._script("_push", _PUSH_LUA)(keys=keys, args=args)
+        pushed, *count = self._script("_push", _PUSH_LUA)(keys=keys, args=args)
+        if not pushed:
+            raise queue_full_error(self.settings, int(count[0]))
         return Outgoing(request_id, queue, message)
+
+    def finish_request(self, request_id: str) -> None:
+        """A worker stored the request's result: no longer pending, nor counted among its owner's queued ones."""
+        self._script("_finish", _FINISH_LUA)(keys=[P + f"future:{request_id}", PENDING_FUTURES], args=[request_id, P])
+
+    def prune_queued(self, owner: str, has_result: Any) -> int:
+        """Drop from the owner's queued set what a worker finished without saying so (it died between storing the
+        result and finish_request), what can no longer run (its future expired, its model was removed) and what
+        has a stored result; has_result(request_ids) -> list of bools, from the result backend. Returns how many
+        are left. Run only when the limit is reached, so the count heals where it matters."""
+        key = queued_key(owner)
+        ids = self.redis.zrange(key, 0, -1)
+        if not ids:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hmget(P + f"future:{request_id}", "owner", "model_id")
+            futures = pipe.execute()
+        model_ids = [json.loads(model_id) if owner and model_id else None for owner, model_id in futures]
+        models = sorted(set(filter(None, model_ids)))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for model_id in models:
+                pipe.hget(P + f"model:{model_id}", "deleted")
+            removed = {model_id: flag == "true" for model_id, flag in zip(models, pipe.execute())}
+        stored = has_result(ids)
+        gone = [
+            request_id
+            for request_id, (owner, _), model_id, done in zip(ids, futures, model_ids, stored)
+            if done or not owner or (model_id is not None and removed[model_id])
+        ]
+        if gone:
+            self.redis.zrem(key, *gone)
+        return len(ids) - len(gone)
+
+    def usage(self, owner: str) -> dict[str, int]:
+        """What the owner uses of its per-key limits: live adapters, requests without a result, checkpoint bytes."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(P + f"owner:{owner}:models")
+            pipe.zcard(queued_key(owner))
+            pipe.get(checkpoint_bytes_key(owner))
+            adapters, queued, stored = pipe.execute()
+        return {"adapters": int(adapters), "queued_requests": int(queued), "checkpoint_bytes": int(stored or 0)}
 
     def mark_published(self, request_ids: list[str]) -> None:
         """These requests are on the broker: out of the outbox."""
@@ -509,16 +704,23 @@ class Registry:
         return getattr(self, name)
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def add_checkpoint(self, model_id: str, checkpoint: dict[str, Any]) -> None:
-        """Store (or update) a checkpoint record; one with expires_at is also indexed by it for the TTL sweep."""
+    def add_checkpoint(self, model_id: str, checkpoint: dict[str, Any], limited: bool = False) -> None:
+        """Store (or update) a checkpoint record; one with expires_at is also indexed by it for the TTL sweep. Its
+        size_bytes count towards its owner's stored bytes (one replaced under the same id gives its own back).
+
+        limited: QuotaExceeded (nothing stored) when the record would take its owner past
+        TINKERBELL_MAX_CHECKPOINT_BYTES_PER_KEY."""
         member = f"{model_id}\x00{checkpoint['checkpoint_id']}"
-        pipe = self.redis.pipeline()
-        pipe.hset(P + f"ckpt:{model_id}", checkpoint["checkpoint_id"], _dumps(checkpoint))
-        if checkpoint.get("expires_at"):
-            pipe.zadd(P + "ckpt_expiry", {member: float(checkpoint["expires_at"])})
-        else:
-            pipe.zrem(P + "ckpt_expiry", member)
-        pipe.execute()
+        owner = checkpoint.get("owner")
+        size = int(checkpoint.get("size_bytes") or 0) if isinstance(owner, str) else 0
+        limit = self.settings.max_checkpoint_bytes_per_key if limited else 0
+        expires = float(checkpoint["expires_at"]) if checkpoint.get("expires_at") else ""
+        stored_ok, stored = self._script("_add_checkpoint", _ADD_CHECKPOINT_LUA)(
+            keys=[P + f"ckpt:{model_id}", P + "ckpt_expiry", checkpoint_bytes_key(owner if size else "-")],
+            args=[checkpoint["checkpoint_id"], _dumps(checkpoint), member, expires, size, limit, P],
+        )
+        if stored_ok < 0:
+            raise checkpoint_bytes_error(self.settings, int(stored), size)
 
     def claim_expired_checkpoints(self, now: float, limit: int = 100) -> list[tuple[str, dict[str, Any]]]:
         """Checkpoints whose TTL has passed, each removed from the index by exactly one caller (ZREM decides who):
@@ -543,10 +745,10 @@ class Registry:
         return json.loads(raw) if raw else None
 
     def delete_checkpoint(self, model_id: str, checkpoint_id: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.hdel(P + f"ckpt:{model_id}", checkpoint_id)
-        pipe.zrem(P + "ckpt_expiry", f"{model_id}\x00{checkpoint_id}")
-        pipe.execute()
+        """Remove the record (its owner's stored bytes go down by its size); the caller deletes the files."""
+        self._script("_delete_checkpoint", _DELETE_CHECKPOINT_LUA)(
+            keys=[P + f"ckpt:{model_id}", P + "ckpt_expiry"], args=[checkpoint_id, f"{model_id}\x00{checkpoint_id}", P]
+        )
 
     # ---- samplers -------------------------------------------------------------------------
     def create_sampler(

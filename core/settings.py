@@ -6,8 +6,10 @@ Defaults run on a laptop. A program makes one `Settings.from_env()` where it sta
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -32,6 +34,15 @@ class Settings:
         metadata={
             "env": "TINKERBELL_REDIS_URL",
             "help": "Registry (keys, sessions, models, checkpoints); empty means the broker URL.",
+        },
+    )
+    redis_password: str = field(
+        default="",
+        metadata={
+            "env": "TINKERBELL_REDIS_PASSWORD",
+            "help": "Redis password (requirepass), put into every Redis URL above that names none; or write it in "
+            "the URLs (redis://:PASSWORD@host:6379/0). rediss:// URLs use TLS: add ?ssl_cert_reqs=required&"
+            "ssl_ca_certs=/path/ca.pem to each.",
         },
     )
     data_dir: str = field(
@@ -272,6 +283,38 @@ class Settings:
         default=32768,
         metadata={"env": "TINKERBELL_MAX_PROMPT_TOKENS", "help": "Most tokens in one sample request's prompt."},
     )
+    download_link_ttl_s: int = field(
+        default=3600,
+        metadata={
+            "env": "TINKERBELL_DOWNLOAD_LINK_TTL_S",
+            "help": "How long a checkpoint download link (external_weights_urls) stays valid; each is signed (HMAC) "
+            "for one file's path and its expiry.",
+        },
+    )
+    max_adapters_per_key: int = field(
+        default=64,
+        metadata={
+            "env": "TINKERBELL_MAX_ADAPTERS_PER_KEY",
+            "help": "Most live adapters (training runs not removed) one API key may hold; one more is refused with "
+            "403 naming the limit and the use. 0: no limit.",
+        },
+    )
+    max_queued_requests_per_key: int = field(
+        default=4096,
+        metadata={
+            "env": "TINKERBELL_MAX_QUEUED_REQUESTS_PER_KEY",
+            "help": "Most requests of one API key accepted and without a result yet (queued or running); one more "
+            "is refused with 429 and Retry-After, which the SDK retries. 0: no limit.",
+        },
+    )
+    max_checkpoint_bytes_per_key: int = field(
+        default=100 * 1024**3,
+        metadata={
+            "env": "TINKERBELL_MAX_CHECKPOINT_BYTES_PER_KEY",
+            "help": "Most bytes of saved checkpoints one API key may store; a save past it is refused with 403 (or "
+            "fails its future, when only the written size shows it). 0: no limit.",
+        },
+    )
     tensor_parallel: int = field(
         default=1,
         metadata={
@@ -370,6 +413,11 @@ class Settings:
                 values[f.name] = raw
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        if self.redis_password:
+            for name in ("broker_url", "result_backend", "redis_url"):
+                object.__setattr__(self, name, with_password(getattr(self, name), self.redis_password))
+
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
@@ -415,6 +463,29 @@ class Settings:
     @property
     def api_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def with_password(url: str, password: str) -> str:
+    """url with password for its default user, unless it is empty or names a password already."""
+    parts = urlsplit(url)
+    if not url or parts.password is not None or parts.scheme not in ("redis", "rediss"):
+        return url
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"))
+
+
+def redis_ssl_options(url: str) -> dict[str, str] | None:
+    """The TLS options of a rediss:// URL's query (ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile), as
+    Celery's broker_use_ssl takes them; None for a plain redis:// URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parts.query))
+    options = {k: v for k, v in query.items() if k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")}
+    options["ssl_cert_reqs"] = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(
+        query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_"), ssl.CERT_REQUIRED
+    )
+    return options
 
 
 def settings_table() -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -227,18 +227,29 @@ class Stack:
     def say(self, line: str) -> None:
         self.mux.write("stack", line)
 
-    def spawn(self, name: str, argv: Sequence[str], extra_env: Mapping[str, str] | None = None) -> Child:
-        """Start one child in its own process group (so Ctrl-C on the terminal reaches only this script)."""
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        extra_env: Mapping[str, str] | None = None,
+        stdin_text: str | None = None,
+    ) -> Child:
+        """Start one child in its own process group (so Ctrl-C on the terminal reaches only this script).
+        stdin_text: written to its stdin, which is then closed (Redis reads its secret config there)."""
         proc = subprocess.Popen(
             list(argv),
             cwd=REPO_ROOT,
             env={**self.env, **(extra_env or {})},
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         assert proc.stdout is not None
+        if stdin_text is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin_text.encode())
+            proc.stdin.close()
         child = Child(name, proc, self.mux.follow(name, proc.stdout))
         self.children.append(child)
         return child
@@ -488,10 +499,14 @@ def ensure_redis(stack: Stack, stop_requested: Callable[[], bool] = lambda: Fals
     redis_port = parts.port or 6379
     redis_dir = stack.settings.data_path / f"redis-{redis_port}"
     redis_dir.mkdir(parents=True, exist_ok=True)
+    # A password in the URL (or TINKERBELL_REDIS_PASSWORD, which Settings puts there) is the one Redis requires;
+    # it goes in through stdin's config, not on the command line `ps` shows.
+    password = ["requirepass " + json.dumps(unquote(parts.password), ensure_ascii=False)] if parts.password else []
     stack.spawn(
         "redis",
         [
             find_redis_server(),
+            "-",
             "--port",
             str(redis_port),
             "--bind",
@@ -503,6 +518,7 @@ def ensure_redis(stack: Stack, stop_requested: Callable[[], bool] = lambda: Fals
             "--save",
             "",
         ],
+        stdin_text="\n".join(password) + "\n",
     )
     stack.started_redis = True
     stack.wait_until(lambda: redis_answers(url), f"Redis on port {redis_port}", 20, stop_requested)

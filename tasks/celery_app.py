@@ -11,14 +11,23 @@ from typing import Any
 from celery import Celery
 from celery.backends.redis import RedisBackend
 
-from core.settings import Settings
+from core.settings import Settings, redis_ssl_options
 
 TASK_MODULES = ["tasks.training", "tasks.sampling"]
 
 
 def config(settings: Settings) -> dict[str, Any]:
-    """Celery's configuration for these settings (tasks.worker applies it to the module-level app it runs)."""
+    """Celery's configuration for these settings (tasks.worker applies it to the module-level app it runs).
+
+    A rediss:// URL's TLS options (its query) become broker_use_ssl / redis_backend_use_ssl: kombu reads them only
+    from there, and would otherwise connect without checking the server's certificate."""
+    tls = {
+        name: options
+        for name, url in (("broker_use_ssl", settings.broker_url), ("redis_backend_use_ssl", settings.backend_url))
+        if (options := redis_ssl_options(url)) is not None
+    }
     return {
+        **tls,
         "broker_url": settings.broker_url,
         "result_backend": settings.backend_url,
         "task_serializer": "msgpack",  # DESIGN rule 4: plain data, bytes for arrays, never pickle

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun
+from celery.signals import task_postrun, task_revoked
 
 from core.registry import Registry
 from core.settings import Settings
@@ -159,6 +159,22 @@ runtime = Runtime()  # configured by tasks.worker.main()
 
 
 @task_postrun.connect(weak=False)
-def _after_result(**_: Any) -> None:
-    """Runs after any task's result is stored (and visible to the client): the deferred registry writes."""
+def _after_result(task_id: str | None = None, **_: Any) -> None:
+    """Runs after any task's result is stored (and visible to the client): the deferred registry writes, and the
+    request leaves its owner's queued count (TINKERBELL_MAX_QUEUED_REQUESTS_PER_KEY)."""
     runtime.flush_after_result()
+    _finished(task_id)
+
+
+@task_revoked.connect(weak=False)
+def _after_revoke(request: Any = None, **_: Any) -> None:
+    """A revoked request never runs: it leaves its owner's queued count too."""
+    _finished(getattr(request, "id", None))
+
+
+def _finished(task_id: str | None) -> None:
+    if task_id:
+        try:
+            runtime.registry.finish_request(task_id)
+        except Exception:  # the API's prune_queued heals the count when the limit is reached
+            log.exception("could not count request %s out of its owner's queue", task_id)

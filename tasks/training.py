@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
-from core.errors import NotFound, UserError
+from core.errors import NotFound, QuotaExceeded, UserError
 from core.wire import decode_datum, encode_array
 from tasks.celery_app import app
 from tasks.engine import CALL, FWD_BWD, OPTIM, Work
@@ -302,27 +302,30 @@ def save_state(
         model = runtime.registry.model_any(model_id) or {}
         path = f"tinker://{model_id}/{kind}/{name}"
         now = time.time()
-        runtime.registry.add_checkpoint(
-            model_id,
-            {
-                "checkpoint_id": f"{kind}/{name}",
-                "checkpoint_type": {
-                    "weights": "training",
-                    "sampler_weights": "sampler",
-                    "external_weights": "external",
-                }[kind],
-                "time": now,
-                "tinker_path": path,
-                "dir": str(target),
-                "size_bytes": size,
-                "public": False,
-                "expires_at": now + ttl_seconds if ttl_seconds else None,
-                "owner": model.get("owner"),
-                "base_model": model.get("base_model"),
-                "lora": model.get("lora"),
-                "ephemeral": sampler_id is not None,
-            },
-        )
+        checkpoint = {
+            "checkpoint_id": f"{kind}/{name}",
+            "checkpoint_type": {
+                "weights": "training",
+                "sampler_weights": "sampler",
+                "external_weights": "external",
+            }[kind],
+            "time": now,
+            "tinker_path": path,
+            "dir": str(target),
+            "size_bytes": size,
+            "public": False,
+            "expires_at": now + ttl_seconds if ttl_seconds else None,
+            "owner": model.get("owner"),
+            "base_model": model.get("base_model"),
+            "lora": model.get("lora"),
+            "ephemeral": sampler_id is not None,
+        }
+        try:  # sampler snapshots are counted, not refused: TINKERBELL_EPHEMERAL_KEEP bounds them
+            runtime.registry.add_checkpoint(model_id, checkpoint, limited=sampler_id is None)
+        except QuotaExceeded as exc:  # only the written size showed it: the files go, the future fails
+            shutil.rmtree(target, ignore_errors=True)
+            runtime.registry.delete_checkpoint(model_id, checkpoint["checkpoint_id"])  # one it replaced, if any
+            raise UserError(str(exc)) from None
         update = {"last_checkpoint" if kind == "weights" else "last_sampler_checkpoint": path}
         runtime.registry.update_model(model_id, **update)
         if sampler_id is not None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -32,12 +33,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """password: the server requires it (requirepass, given on stdin), and url() carries it."""
+
+    def __init__(self, password: str | None = None) -> None:
         self.port = free_port()
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="tb-redis-")
         self.proc = subprocess.Popen(
             [
                 find_redis_server(),
+                "-",
                 "--port",
                 str(self.port),
                 "--bind",
@@ -51,13 +56,18 @@ class RedisServer:
                 "--databases",
                 "64",
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: _redis_ping(self.port), 10, "redis-server")
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f'requirepass "{password}"\n'.encode() if password else b"")
+        self.proc.stdin.close()
+        wait_for(lambda: _redis_ping(self.port, password), 10, "redis-server")
 
     def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -65,9 +75,13 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _redis_ping(port: int) -> bool:
+def _redis_ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            if password:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                if not s.recv(16).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
