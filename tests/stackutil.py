@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,18 +34,24 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """password: the server requires it (requirepass, given on stdin), and url() carries it."""
+    """password: the server requires it (requirepass, given on stdin), and url() carries it. tls: the server speaks
+    only TLS, with a self-signed certificate made here (openssl), and url() is rediss:// checking it."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, tls: bool = False) -> None:
         self.port = free_port()
         self.password = password
         self.dir = tempfile.mkdtemp(prefix="tb-redis-")
+        self.ca_file = self._make_certificate() if tls else None
+        listen = ["--port", str(self.port)]
+        if self.ca_file is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            for option, name in (("cert", "cert.pem"), ("key", "key.pem"), ("ca-cert", "cert.pem")):
+                listen += [f"--tls-{option}-file", str(Path(self.dir) / name)]
         self.proc = subprocess.Popen(
             [
                 find_redis_server(),
                 "-",
-                "--port",
-                str(self.port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -63,10 +70,39 @@ class RedisServer:
         assert self.proc.stdin is not None
         self.proc.stdin.write(f'requirepass "{password}"\n'.encode() if password else b"")
         self.proc.stdin.close()
-        wait_for(lambda: _redis_ping(self.port, password), 10, "redis-server")
+        wait_for(lambda: _redis_ping(self.port, password, self.ca_file), 10, "redis-server")
 
-    def url(self, db: int) -> str:
-        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+    def _make_certificate(self) -> str:
+        cert = Path(self.dir) / "cert.pem"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(Path(self.dir) / "key.pem"),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return str(cert)
+
+    def url(self, db: int, password: bool = True) -> str:
+        """The URL of db `db`, with the password unless password=False (for TINKERBELL_REDIS_PASSWORD to add)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password and password else ""
+        if self.ca_file is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={self.ca_file}"
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def stop(self) -> None:
@@ -75,9 +111,11 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _redis_ping(port: int, password: str | None = None) -> bool:
+def _redis_ping(port: int, password: str | None = None, ca_file: str | None = None) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+            context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+            s = context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw
             if password:
                 s.sendall(f"AUTH {password}\r\n".encode())
                 if not s.recv(16).startswith(b"+OK"):
