@@ -142,7 +142,7 @@ def test_redis_is_persistent_and_gates_the_others(config: dict[str, Any]) -> Non
     assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
     [mount] = redis["volumes"]
     assert mount["type"] == "volume" and mount["source"] in config["volumes"]
-    assert not redis.get("ports"), "Redis has no password: it must not be published on the host"
+    assert not redis.get("ports"), "Redis speaks no TLS here: it must not be published on the host"
     for name in ALL_SERVICES - {"redis"}:
         assert config["services"][name]["depends_on"]["redis"]["condition"] == "service_healthy", name
 
@@ -197,6 +197,18 @@ def test_flower_is_password_protected_from_the_environment(config: dict[str, Any
     assert flower["environment"]["TINKERBELL_FLOWER_PASSWORD"]
     assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
     assert all(port.get("host_ip") == "127.0.0.1" for port in flower["ports"])
+
+
+def test_redis_requires_the_password_every_component_is_given(project: Path) -> None:
+    (project / ".env").write_text("TINKERBELL_REDIS_PASSWORD=s3cret\n")
+    services = resolved(project, "vllm")["services"]
+    redis = services["redis"]
+    assert "--requirepass" in " ".join(redis["command"]) and redis["environment"]["REDISCLI_AUTH"] == "s3cret"
+    for name in ALL_SERVICES - {"redis"}:
+        environment = services[name]["environment"]
+        assert environment["TINKERBELL_REDIS_PASSWORD"] == "s3cret", name
+        settings = Settings.from_env(environment)
+        assert {settings.broker_url, settings.backend_url, settings.registry_url} == {"redis://:s3cret@redis:6379/0"}
 
 
 def test_data_volume_is_shared_by_api_and_workers(config: dict[str, Any]) -> None:

@@ -253,6 +253,21 @@ def test_status_page_is_public_and_leaks_no_ids(stack: Stack, trained: dict) -> 
     assert any(w["name"] == "w0" and w["adapters"] >= 1 for w in doc["workers"])
 
 
+def test_status_json_refreshes_without_a_keyspace_scan(stack: Stack, trained: dict) -> None:
+    """Every open status page asks every 2 s: it reads the live workers' queues by name, never SCANs Redis."""
+    client = stack.registry().redis
+
+    def scans() -> int:
+        return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    before = scans()
+    for _ in range(3):
+        assert requests.get(stack.url + "/status.json", timeout=10).json()["workers"]
+    assert scans() == before
+    scrape(stack)  # /metrics still scans, for the queues of workers that are gone: the count does see it
+    assert scans() > before
+
+
 def test_flower_lists_readable_tasks_without_arrays(stack: Stack, trained: dict, flower: str) -> None:
     def fetch() -> dict:
         return requests.get(

@@ -146,6 +146,36 @@ def test_redis_is_started_when_none_answers_and_stopped_with_the_stack(tmp_path:
     assert child.proc.returncode is not None and not stack_script.redis_answers(stack.redis_url)
 
 
+def test_redis_started_here_requires_the_password_the_settings_name(tmp_path: Path) -> None:
+    import redis
+
+    env = stack_script.child_environment(
+        {"TINKERBELL_DATA_DIR": str(tmp_path), "TINKERBELL_REDIS_PASSWORD": 'pw with "quotes"'},
+        port=None,
+        redis_port=free_port(),
+        flower_port=None,
+    )
+    settings = stack_script.Settings.from_env(env)
+    stack = stack_script.Stack(
+        env=env,
+        settings=settings,
+        workers=[],
+        redis_url=settings.broker_url,
+        mux=stack_script.LogMux(None, None),
+        log_path=None,
+    )
+    try:
+        stack_script.ensure_redis(stack)
+        assert stack.started_redis and stack_script.redis_answers(stack.redis_url)
+        port = redis.connection.parse_url(stack.redis_url)["port"]
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis(port=port, password='pw with "quotes"').ping()
+        assert "pw with" not in " ".join(psutil.Process(stack.children[0].proc.pid).cmdline())
+    finally:
+        stack.stop()
+
+
 # ---- the whole stack -----------------------------------------------------------------------------
 
 
