@@ -239,6 +239,31 @@ class Settings:
             "the other requests in its generation loop go on.",
         },
     )
+    train_time_limit_s: float = field(
+        default=900.0,
+        metadata={
+            "env": "TINKERBELL_TRAIN_TIME_LIMIT_S",
+            "help": "Time limit of a forward or forward_backward request, from its arrival at the worker: one still "
+            "waiting past it fails unrun; a forward_backward whose pass ends past it fails and its gradients are "
+            "discarded (the next optim_step says so). The pass itself is not interrupted. 0: none.",
+        },
+    )
+    optim_time_limit_s: float = field(
+        default=300.0,
+        metadata={
+            "env": "TINKERBELL_OPTIM_TIME_LIMIT_S",
+            "help": "Time limit of an optim_step, the same way; one that ends past it fails and the adapter goes back "
+            "to its autosave from before the step. 0: none.",
+        },
+    )
+    state_time_limit_s: float = field(
+        default=900.0,
+        metadata={
+            "env": "TINKERBELL_STATE_TIME_LIMIT_S",
+            "help": "Time limit of save_state, load_state, create and remove, the same way; a save that ends past it "
+            "leaves no checkpoint, a load goes back to the autosave from before it, a create is removed. 0: none.",
+        },
+    )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata={

@@ -18,6 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import UserError
+
 log = logging.getLogger("tinkerbell.engine")
 
 FWD_BWD, OPTIM, CALL, SAMPLE = "forward_backward", "optim_step", "call", "sample"
@@ -43,6 +45,30 @@ class Work:
     after: Callable[[Any], Any] | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    # A time limit (seconds from arrival; None: none) and the setting that sets it. A request still waiting past it
+    # fails without running; one whose call returns past it (or that its pool thread gave up on) is undone by
+    # undo() and fails. A request without undo keeps the result of a call that ran long.
+    time_limit_s: float | None = None
+    limit_setting: str = ""
+    undo: Callable[[], str] | None = None  # on the engine thread; returns what it restored, for the message
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False  # its pool thread stopped waiting while it ran
+    finishing: bool = False  # the engine is answering it: too late to abandon
+
+    def overdue(self) -> float | None:
+        """Seconds since it arrived, when that is past its time limit; else None."""
+        elapsed = time.monotonic() - self.arrived
+        return elapsed if self.time_limit_s and elapsed > self.time_limit_s else None
+
+    def limit_error(self, elapsed: float, what: str) -> UserError:
+        label = self.kind if self.kind != CALL else getattr(self.payload, "__name__", CALL)
+        return UserError(
+            f"{label}: {what} after {elapsed:.1f} s, past the worker's time limit ({self.limit_setting}="
+            f"{self.time_limit_s:g}); the worker goes on with the adapter's later requests"
+        )
+
+
+GIVE_UP_GRACE_S = 1.0  # a pool thread waits this much past a request's limit for the engine to answer it
 
 
 @dataclass
@@ -121,8 +147,30 @@ class Engine:
         return work.future
 
     def run(self, work: Work) -> Any:
-        """Submit and wait: the task body's one call. The request's own exception is raised here."""
-        return self.submit(work).result()
+        """Submit and wait: the task body's one call. The request's own exception is raised here.
+
+        With a time limit the wait is bounded even when the engine thread is stuck in a call: past the limit the
+        request is withdrawn if it has not started, or abandoned if it is running (the engine undoes it when that
+        call returns), and it fails here."""
+        future = self.submit(work)
+        if not work.time_limit_s:
+            return future.result()
+        try:
+            return future.result(timeout=work.time_limit_s + GIVE_UP_GRACE_S)
+        except TimeoutError:
+            pass
+        elapsed = time.monotonic() - work.arrived
+        if future.cancel():
+            raise work.limit_error(elapsed, "still waiting for the worker's engine, not started") from None
+        with work.lock:
+            work.abandoned = not work.finishing
+        if work.abandoned:
+            raise work.limit_error(
+                elapsed,
+                "still running in the engine"
+                + ("; its effect is undone when that call returns" if work.undo else ", and cannot be interrupted"),
+            ) from None
+        return future.result()
 
     def status(self) -> dict[str, Any]:
         """What the heartbeat and the status page show: requests held, by adapter, and the pass counters."""
@@ -258,7 +306,11 @@ class Engine:
         """Run each request's before() check; those that fail are answered now and left out."""
         ok = []
         for work in works:
+            if not work.future.set_running_or_notify_cancel():
+                continue  # its pool thread withdrew it (time limit) and has answered
             try:
+                if (elapsed := work.overdue()) is not None:
+                    raise work.limit_error(elapsed, "not started (the adapter is unchanged)")
                 if work.before is not None:
                     work.before()
             except BaseException as exc:  # noqa: BLE001 - the request's own failure, answered to its caller
@@ -268,6 +320,18 @@ class Engine:
         return ok
 
     def _finish(self, work: Work, result: Any) -> None:
+        with work.lock:
+            work.finishing = True
+            abandoned = work.abandoned
+        elapsed = work.overdue()
+        if work.undo is not None and not isinstance(result, BaseException) and (abandoned or elapsed is not None):
+            try:
+                restored = work.undo()
+            except BaseException as exc:
+                log.exception("could not undo %s of %s", work.kind, work.model_id)
+                restored = f"undoing it failed ({exc!r})"
+            log.warning("%s of %s ran past its time limit: undone (%s)", work.kind, work.model_id, restored)
+            result = work.limit_error(elapsed or time.monotonic() - work.arrived, f"finished too late: {restored}")
         if isinstance(result, BaseException):
             work.future.set_exception(result)
             return
@@ -356,7 +420,9 @@ class Engine:
 
 
 def _copy_outcome(done: Future, target: Future) -> None:
-    if done.exception() is not None:
+    if done.cancelled():
+        target.cancel()
+    elif done.exception() is not None:
         target.set_exception(done.exception())
     else:
         target.set_result(done.result())

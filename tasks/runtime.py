@@ -46,6 +46,7 @@ class Runtime:
             str, int
         ] = {}  # model_id -> seq_id of the first forward_backward since optim_step (mirrors the registry)
         self.lost_gradients: dict[str, int] = {}  # model_id -> the same, for gradients a previous run held when it died
+        self.lost_reason: dict[str, str] = {}  # model_id -> why, when not that (a request past its time limit)
         self._model_updates: dict[str, dict[str, Any]] = {}
         self._stats: dict[str, float] = {}
 

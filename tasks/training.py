@@ -48,8 +48,13 @@ def _ordered(
     tokens: int = 0,
     before: Callable[[], None] | None = None,
     after: Callable[[Any], dict[str, Any]] | None = None,
+    undo: Callable[[], str] | None = None,
+    limit: str = "TINKERBELL_STATE_TIME_LIMIT_S",
 ) -> dict[str, Any]:
     """Run one request of an adapter on the engine, in seq_id order, at most once per (model_id, seq_id).
+
+    limit: the setting that bounds it (tasks.engine.Work.time_limit_s); undo(): puts the adapter back as it was
+    before the request when its call ends past that limit (engine thread), returning what it did.
 
     A message redelivered after its result was stored is skipped by Celery itself (worker_deduplicate_successful_
     tasks); one applied but without a result fails. The adapter's background autosave (started by an optim_step,
@@ -74,12 +79,53 @@ def _ordered(
         runtime.after_result(model_id, **fields)
         return value
 
-    value = runtime.engine.run(Work(kind, payload, model_id, seq_id, tokens, check, done))
+    work = Work(kind, payload, model_id, seq_id, tokens, check, done, undo=undo, **time_limit(limit))
+    value = runtime.engine.run(work)
     autosaver.wait(model_id)  # on this pool thread: the engine goes on with other requests meanwhile
     return value
 
 
+LIMITS = {
+    "TINKERBELL_TRAIN_TIME_LIMIT_S": "train_time_limit_s",
+    "TINKERBELL_OPTIM_TIME_LIMIT_S": "optim_time_limit_s",
+    "TINKERBELL_STATE_TIME_LIMIT_S": "state_time_limit_s",
+}
+
+
+def time_limit(setting: str) -> dict[str, Any]:
+    """Work's time_limit_s / limit_setting for the setting named."""
+    return {"time_limit_s": getattr(runtime.settings, LIMITS[setting]) or None, "limit_setting": setting}
+
+
+def _discard_gradients(model_id: str, seq_id: int | None) -> str:
+    """Undo of a forward_backward: its gradients cannot be told from earlier ones, so all since the last optim_step
+    go, and the next optim_step fails naming the first lost seq_id instead of stepping on part of the batch."""
+    first = runtime.gradients_since.get(model_id, seq_id or 0)
+    runtime.training.discard_gradients(model_id)
+    _gradients_applied(model_id)
+    runtime.lost_gradients[model_id] = first
+    runtime.lost_reason[model_id] = "were discarded when one of them ran past its time limit"
+    return f"the gradients accumulated since seq_id {first} are discarded; the next optim_step fails"
+
+
+def _back_to_autosave(model_id: str) -> str:
+    """Undo of a request that changed weights or optimizer state: the autosave is the state from before it (it is
+    written after every optim_step, create and load, and this request's own autosave never started)."""
+    saved = autosave_dir(model_id)
+    autosaver.wait(model_id)
+    if not saved.exists():
+        runtime.registry.update_model(model_id, status="failed")
+        return "it could not be undone (no autosave: TINKERBELL_AUTOSAVE is off), so the adapter is marked failed"
+    runtime.training.load_state(model_id, str(saved), True)
+    runtime.training.discard_gradients(model_id)
+    if runtime.gradients_since.get(model_id) is not None:
+        runtime.lost_gradients[model_id] = runtime.gradients_since[model_id]
+        runtime.lost_reason[model_id] = "were used by an optim_step that ran past its time limit and was undone"
+    return "the adapter is back at its state from before this request"
+
+
 AUTOSAVE_INFO = "tinkerbell-autosave.json"
+LOST_WITH_WORKER = "were lost when a worker stopped (the adapter came back from its state after the last optim_step)"
 
 
 def _write_autosave(model_id: str, seq_id: int | None) -> None:
@@ -175,7 +221,16 @@ def create_adapter(
         runtime.engine.base_of[model_id] = base_model
         autosaver.start(model_id)
 
-    runtime.engine.run(Work(CALL, create, model_id))
+    def undo() -> str:
+        autosaver.wait(model_id)
+        if runtime.training.has_adapter(model_id):
+            runtime.training.remove_adapter(model_id)
+        runtime.engine.base_of.pop(model_id, None)
+        runtime.registry.update_model(model_id, status="failed")
+        return "the adapter is not created"
+
+    create.__name__ = "create_adapter"
+    runtime.engine.run(Work(CALL, create, model_id, undo=undo, **time_limit("TINKERBELL_STATE_TIME_LIMIT_S")))
     autosaver.wait(model_id)
     runtime.serve_base_model(base_model)
     runtime.own_adapter(model_id)
@@ -198,7 +253,9 @@ def remove_adapter(model_id: str, seq_id: int | None = None) -> dict[str, Any]:
         if seq_id is not None and seq_id <= runtime._registry_applied_seq(model_id):
             raise RuntimeError(f"seq_id {seq_id} of {model_id} was already applied")
 
-    result = runtime.engine.run(Work(CALL, remove, model_id, seq_id, before=check))
+    remove.__name__ = "remove_adapter"
+    work = Work(CALL, remove, model_id, seq_id, before=check, **time_limit("TINKERBELL_STATE_TIME_LIMIT_S"))
+    result = runtime.engine.run(work)
     runtime.engine.forget(model_id)
     runtime.release_adapter(model_id)
     runtime.registry.delete_model(model_id)
@@ -242,7 +299,10 @@ def forward_backward(
             "metrics": result.metrics,
         }
 
-    return _ordered(model_id, seq_id, FWD_BWD, request, tokens, after=after)
+    undo = None if forward_only else (lambda: _discard_gradients(model_id, seq_id))
+    return _ordered(
+        model_id, seq_id, FWD_BWD, request, tokens, after=after, undo=undo, limit="TINKERBELL_TRAIN_TIME_LIMIT_S"
+    )
 
 
 @app.task(name="tinkerbell.optim_step", throws=(UserError,))
@@ -252,10 +312,10 @@ def optim_step(model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -
         if lost is not None:  # stepping on what is left would apply only part of the batch: say so instead
             runtime.training.discard_gradients(model_id)
             _gradients_applied(model_id)
+            reason = runtime.lost_reason.pop(model_id, LOST_WITH_WORKER)
             raise UserError(
-                f"optim_step: the gradients of forward_backward calls from seq_id {lost} on were lost when a worker "
-                f"stopped (the adapter came back from its state after the last optim_step); those and any accumulated "
-                f"since are discarded: run the forward_backward calls again, then optim_step"
+                f"optim_step: the gradients of forward_backward calls from seq_id {lost} on {reason}; those and any "
+                f"accumulated since are discarded: run the forward_backward calls again, then optim_step"
             )
         autosaver.wait(model_id)
 
@@ -266,7 +326,16 @@ def optim_step(model_id: str, seq_id: int | None, adam_params: dict[str, Any]) -
         autosaver.start(model_id, seq_id)
         return {"metrics": metrics}
 
-    return _ordered(model_id, seq_id, OPTIM, AdamSpec(**adam_params), before=before, after=after)
+    return _ordered(
+        model_id,
+        seq_id,
+        OPTIM,
+        AdamSpec(**adam_params),
+        before=before,
+        after=after,
+        undo=lambda: _back_to_autosave(model_id),
+        limit="TINKERBELL_OPTIM_TIME_LIMIT_S",
+    )
 
 
 def _gradients_applied(model_id: str) -> None:
@@ -335,8 +404,12 @@ def save_state(
             _prune_ephemeral(model_id)
         return {"path": path, "size_bytes": size, "sampling_session_id": sampler_id}
 
+    def undo() -> str:
+        shutil.rmtree(target, ignore_errors=True)
+        return "no checkpoint is recorded and its files are deleted"
+
     save.__name__ = "save_state"
-    return _ordered(model_id, seq_id, CALL, save, after=record)
+    return _ordered(model_id, seq_id, CALL, save, after=record, undo=undo)
 
 
 def _prune_ephemeral(model_id: str) -> None:
@@ -354,8 +427,11 @@ def load_state(model_id: str, seq_id: int | None, directory: str, with_optimizer
             raise UserError(f"path: checkpoint '{path}' has no files (was it deleted?)")
         autosaver.wait(model_id)
         runtime.training.load_state(model_id, directory, with_optimizer)
-        autosaver.start(model_id, seq_id)
         return {"path": path, "model_id": model_id}
 
+    def loaded(result: dict[str, Any]) -> dict[str, Any]:  # kept: the new state is autosaved
+        autosaver.start(model_id, seq_id)
+        return result
+
     load.__name__ = "load_state"
-    return _ordered(model_id, seq_id, CALL, load)
+    return _ordered(model_id, seq_id, CALL, load, after=loaded, undo=lambda: _back_to_autosave(model_id))
