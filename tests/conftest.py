@@ -72,8 +72,9 @@ def make_stack(redis_server, models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack(make_stack) -> Stack:
-    """The shared single-worker stack most tests use (auth off: any tml- key)."""
-    return make_stack(1, {"TINKERBELL_AUTH": "off"})
+    """The shared single-worker stack most tests use (auth off: any tml- key). It is one owner for the whole session,
+    whose adapters add up over every module: no per-key adapter limit (tests/test_quotas.py tests the limits)."""
+    return make_stack(1, {"TINKERBELL_AUTH": "off", "TINKERBELL_MAX_ADAPTERS_PER_KEY": "0"})
 
 
 def pytest_configure(config) -> None:
