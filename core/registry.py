@@ -250,7 +250,7 @@ if limit > 0 and size > 0 then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) else redis.call('ZREM', KEYS[2], ARGV[3]) end
-if old_key then redis.call('DECRBY', old_key, old_size) end
+if old_key and redis.call('DECRBY', old_key, old_size) < 0 then redis.call('SET', old_key, 0) end
 if size > 0 then redis.call('INCRBY', KEYS[3], size) end
 return {1, tonumber(redis.call('GET', KEYS[3]) or '0')}
 """
@@ -263,7 +263,9 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 if old then
   local record = cjson.decode(old)
   if type(record.owner) == 'string' and tonumber(record.size_bytes) then
-    redis.call('DECRBY', ARGV[3] .. 'owner:' .. record.owner .. ':ckpt_bytes', tonumber(record.size_bytes))
+    local key = ARGV[3] .. 'owner:' .. record.owner .. ':ckpt_bytes'
+    -- a record from before the count existed was never added: never below 0
+    if redis.call('DECRBY', key, tonumber(record.size_bytes)) < 0 then redis.call('SET', key, 0) end
   end
 end
 return 1

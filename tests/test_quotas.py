@@ -5,6 +5,7 @@ in Redis, so they hold across an API restart and never count another key's objec
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -204,3 +205,20 @@ def test_expired_checkpoints_give_their_bytes_back(quota_stack: Stack) -> None:
     service.create_rest_client().set_checkpoint_ttl_from_tinker_path(path, 1).result(timeout=30)
     wait_for(lambda: registry.usage(owner)["checkpoint_bytes"] == 0, 30, "the TTL sweep to give the bytes back")
     assert not Path(quota_stack.data_dir / "checkpoints" / training.model_id / "sampler_weights" / "brief").exists()
+
+
+def test_a_checkpoint_recorded_before_the_count_existed_never_takes_it_below_zero(redis_server) -> None:
+    """Deployments upgraded with checkpoints already stored: deleting one that was never counted leaves 0."""
+    from core.registry import Registry, checkpoint_bytes_key
+    from core.settings import Settings
+
+    registry = Registry(Settings.from_env({"TINKERBELL_BROKER_URL": redis_server.url(63)}))
+    registry.redis.flushdb()
+    old = {"checkpoint_id": "weights/old", "owner": "k1", "size_bytes": 500, "time": 0.0}
+    registry.redis.hset("tb:ckpt:m:train:0", "weights/old", json.dumps(old))  # as written by the code before
+    registry.add_checkpoint("m:train:0", {**old, "checkpoint_id": "weights/new", "size_bytes": 200})
+    assert registry.usage("k1")["checkpoint_bytes"] == 200
+    registry.delete_checkpoint("m:train:0", "weights/old")
+    assert registry.redis.get(checkpoint_bytes_key("k1")) == "0"
+    registry.delete_checkpoint("m:train:0", "weights/new")
+    assert registry.usage("k1")["checkpoint_bytes"] == 0
