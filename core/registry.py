@@ -69,17 +69,18 @@ def _load_hash(raw: dict[str, str]) -> dict[str, Any]:
 
 # Records a future for /retrieve_future (owner, kind and model_id are JSON) and lists it as pending for /metrics,
 # keeping that list bounded even if nobody scrapes. Prepended to the scripts that create requests.
-# The request is also listed in its owner's queued set (OWNER_QUEUED) until a worker has stored its result: the
-# per-key count of requests queued or running is that set's ZCARD. queue_full answers that count when the set is at
+# With a queued-requests limit, the request is also listed in its owner's queued set (queued_key) until a worker has
+# stored its result: the per-key count of requests queued or running is that set's ZCARD (without a limit nothing
+# is listed, so nothing can pile up there). queue_full answers that count when the set is at
 # the limit (0: none), and lets an `exempt` request in up to twice the limit (one that fills a seq_id gap, which
 # the requests held behind it wait for).
 _FUTURE_LUA = """
-local function record_future(key, pending, request_id, owner, kind, model_id, now, ttl, cap, queued)
+local function record_future(key, pending, request_id, owner, kind, model_id, now, ttl, cap, queued, limit)
   redis.call('HSET', key, 'owner', owner, 'kind', kind, 'model_id', model_id, 'created', now)
   redis.call('EXPIRE', key, ttl)
   redis.call('ZADD', pending, now, request_id)
   redis.call('ZREMRANGEBYRANK', pending, 0, -tonumber(cap) - 1)
-  redis.call('ZADD', queued, now, request_id)
+  if tonumber(limit) > 0 then redis.call('ZADD', queued, now, request_id) end
 end
 local function queue_full(queued, limit, exempt)
   limit = tonumber(limit)
@@ -151,7 +152,7 @@ end
 redis.call('HSET', KEYS[1], seq, ARGV[2])
 redis.call('ZADD', KEYS[2], seq, seq)
 if ARGV[7] ~= '' then
-  record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10], KEYS[11])
+  record_future(KEYS[6], KEYS[7], ARGV[2], ARGV[6], ARGV[7], ARGV[8], ARGV[5], ARGV[9], ARGV[10], KEYS[11], ARGV[11])
 end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
 local first = tonumber(redis.call('GET', KEYS[4]) or '1')
@@ -195,7 +196,7 @@ _PUSH_LUA = (
     + """
 local full = queue_full(KEYS[5], ARGV[10], false)
 if full then return {0, full} end
-record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], KEYS[5])
+record_future(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], KEYS[5], ARGV[10])
 redis.call('HSET', KEYS[3], ARGV[3], cjson.encode({ARGV[1], ARGV[2]}))
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[3])
 return {1}
