@@ -139,6 +139,14 @@ def http_get_json(url: str, auth: tuple[str, str] | None = None, timeout_s: floa
         return raw.decode(errors="replace")
 
 
+def redacted(url: str) -> str:
+    """url as the banner and the log show it: a password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
+
+
 def reachable_host(host: str) -> str:
     """Where a client on this machine reaches a server bound to `host`."""
     return "127.0.0.1" if host in {"", "0.0.0.0", "::"} else host
@@ -339,7 +347,7 @@ class Stack:
         lines += [
             f"  Workers      {', '.join(f'{w.name} ({w.device})' for w in self.workers)}",
             (
-                f"  Redis        {self.redis_url}   "
+                f"  Redis        {redacted(self.redis_url)}   "
                 f"({'started here' if self.started_redis else 'already running, reused'})"
             ),
             f"  Base model   {s.base_model}",
@@ -348,7 +356,9 @@ class Stack:
         if self.log_path is not None:
             lines.append(f"  Log          {self.log_path}")
         if s.auth:
-            lines.append(f"  API key      TINKERBELL_BROKER_URL={s.broker_url} python -m api.keys create --name you")
+            lines.append(
+                "  API key      python -m api.keys create --name you   (with this stack's TINKERBELL_* environment)"
+            )
         else:
             lines.append("  API key      auth is off: any key starting with tml- is accepted")
         lines.append("Ctrl-C stops everything.")
@@ -440,7 +450,7 @@ def _start_all(stack: Stack, ready_timeout_s: float, stop_requested: Callable[[]
     ensure_redis(stack, stop_requested)
     for url in {settings.backend_url, settings.registry_url} - {settings.broker_url}:
         if not redis_answers(url):
-            raise StackError(f"{url} (TINKERBELL_RESULT_BACKEND / TINKERBELL_REDIS_URL) does not answer")
+            raise StackError(f"{redacted(url)} (TINKERBELL_RESULT_BACKEND / TINKERBELL_REDIS_URL) does not answer")
 
     for spec in stack.workers:
         stack.spawn(
@@ -489,12 +499,12 @@ def ensure_redis(stack: Stack, stop_requested: Callable[[], bool] = lambda: Fals
     """Reuse the Redis that answers on stack.redis_url, or start one there (only on this machine)."""
     url = stack.redis_url
     if redis_answers(url):
-        stack.say(f"Redis already answers at {url}: reusing it")
+        stack.say(f"Redis already answers at {redacted(url)}: reusing it")
         return
     parts = urlsplit(url)
     if parts.scheme != "redis" or (parts.hostname or "127.0.0.1") not in LOCAL_HOSTS:
         raise StackError(
-            f"Redis at {url} does not answer, and it is not on this machine, so this script cannot start it"
+            f"Redis at {redacted(url)} does not answer, and it is not on this machine, so this script cannot start it"
         )
     redis_port = parts.port or 6379
     redis_dir = stack.settings.data_path / f"redis-{redis_port}"

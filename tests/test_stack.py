@@ -172,6 +172,7 @@ def test_redis_started_here_requires_the_password_the_settings_name(tmp_path: Pa
             redis.Redis(port=port).ping()
         assert redis.Redis(port=port, password='pw with "quotes"').ping()
         assert "pw with" not in " ".join(psutil.Process(stack.children[0].proc.pid).cmdline())
+        assert "pw" not in "\n".join(stack.banner()) and ":***@" in "\n".join(stack.banner())
     finally:
         stack.stop()
 
