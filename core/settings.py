@@ -228,6 +228,14 @@ class Settings:
             "the other requests in its generation loop go on.",
         },
     )
+    sequence_ttl_s: float = field(
+        default=86400.0,
+        metadata={
+            "env": "TINKERBELL_SEQUENCE_TTL_S",
+            "help": "How long the sequence_ids of a sample made with record_stability_info=True stay on record "
+            "(owner, request, sample index); no loss reads them yet.",
+        },
+    )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata={
