@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import UserError
-from core.wire import encode_datum
+from core.wire import decode_array, encode_array, encode_datum
 
 MAX_TENSOR_BYTES = 1 << 30  # a dense tensor larger than this is refused before it is allocated
 
@@ -46,6 +46,13 @@ def dense_from_csr(
         raise UserError(
             f"{field}.shape: {shape} is larger dense than the limit TINKERBELL_MAX_BODY_BYTES={max_bytes} bytes"
         )
+    out = np.zeros(shape, dtype=values.dtype)
+    out[csr_rows(values, crow, col, shape, field), col] = values
+    return out
+
+
+def csr_rows(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int], field: str) -> np.ndarray:
+    """The row of each value of a 2-D sparse CSR matrix, (nnz,), once its indices are checked against `shape`."""
     if len(shape) != 2:
         raise UserError(f"{field}.shape: a sparse CSR tensor needs a 2-D shape, got {shape}")
     rows, cols = shape
@@ -61,9 +68,67 @@ def dense_from_csr(
         raise UserError(f"{field}: crow_indices/col_indices do not describe {len(values)} values in a {shape} matrix")
     if len(col) and (col.min() < 0 or col.max() >= cols):
         raise UserError(f"{field}.col_indices: outside 0..{cols - 1}")
-    out = np.zeros(shape, dtype=values.dtype)
-    out[np.repeat(np.arange(rows), np.diff(crow)), col] = values
-    return out
+    return np.repeat(np.arange(rows), np.diff(crow))
+
+
+def target_prompt_cells(
+    ids: np.ndarray, shape: Any, prompt_len: int, max_ids: int, csr: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Tinker's target_prompt_logprobs, int64 token ids [len(prompt) - 1, K] (dense: ids and shape; sparse CSR: its
+    values, shape and (crow_indices, col_indices), absent cells asking for nothing), as the sample task carries it:
+    {"cells": (m, 2) [row, token id] of the cells that name a token, "index": (m,) where each one's answer goes among
+    the "size" values of the answer, "shape", and the CSR indices, to answer in the same layout} (api.jsonwire
+    target_answer). Cells of -1 never reach the worker: their answer is 0.0.
+
+    Checks what api/ can without the model: the shape, ids not below -1 (-1: no token), at least one id, and at most
+    max_ids distinct ids (the cost, len(prompt) x distinct ids, bounded as a top-k width is)."""
+    field = "target_prompt_logprobs"
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(_count(s) for s in shape):
+        raise UserError(f"{field}.shape: must be [len(prompt) - 1, K] = [{prompt_len - 1}, K], got {shape!r:.80}")
+    shape = [int(s) for s in shape]
+    if shape[0] != prompt_len - 1:
+        raise UserError(
+            f"{field}.shape: needs exactly len(prompt) - 1 = {prompt_len - 1} rows (row i scores prompt position "
+            f"i + 1), got {shape[0]}"
+        )
+    layout: dict[str, Any] = {"shape": shape}
+    if csr is None:
+        if ids.size != math.prod(shape):
+            raise UserError(f"{field}: {ids.size} values do not fill shape {shape}")
+        rows = np.repeat(np.arange(shape[0]), shape[1])  # row-major, as the dense values come
+    else:
+        crow, col = csr
+        rows = csr_rows(ids.reshape(-1), crow, col, shape, field)
+        layout.update(crow_indices=encode_array(crow, "int64"), col_indices=encode_array(col, "int64"))
+    ids = ids.reshape(-1)
+    if len(ids) and ids.min() < -1:
+        raise UserError(f"{field}: token id {int(ids.min())} is negative (-1 is the only cell that asks for nothing)")
+    distinct = np.unique(ids[ids >= 0])
+    if not len(distinct):
+        raise UserError(f"{field}: names no token id (every cell is -1); send at least one")
+    if len(distinct) > max_ids:
+        raise UserError(f"{field}: {len(distinct)} distinct token ids; at most {max_ids}, the top-k limit")
+    named = np.flatnonzero(ids >= 0)  # (m,)
+    cells = np.stack([rows[named], ids[named]], axis=1)  # (m, 2)
+    return {
+        **layout,
+        "size": len(ids),
+        "index": encode_array(named, "int64"),
+        "cells": encode_array(cells, "int64"),
+    }
+
+
+def target_answer(payload: dict[str, Any]) -> tuple[np.ndarray, list[int], np.ndarray | None, np.ndarray | None]:
+    """A sample result's target_prompt_logprobs (tasks.sampling) -> (float32 values, shape, crow, col): the values of
+    a dense [R, K] answer in row-major order (crow and col None), or of a sparse one's cells in CSR order."""
+    values = np.zeros(int(payload["size"]), dtype=np.float32)
+    values[decode_array(payload["index"])] = decode_array(payload["values"])
+    crow, col = payload.get("crow_indices"), payload.get("col_indices")
+    return values, list(payload["shape"]), decode_array(crow) if crow else None, decode_array(col) if col else None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_tokens(tokens: np.ndarray, field: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from flask import request
 
-from api.datums import checked_datum, dense, dense_from_csr
+from api.datums import checked_datum, dense, dense_from_csr, target_answer, target_prompt_cells
 from api.limits import body_limit
 from api.validate import mapping, string
 from core.errors import UserError
@@ -57,6 +57,25 @@ def tensor_from_json(value: Any, field: str, default_dtype: str) -> np.ndarray:
         col = _numbers(value.get("sparse_col_indices"), f"{field}.sparse_col_indices", "int64")
         return dense_from_csr(data, crow, col, value.get("shape"), field, body_limit())
     return dense(data, value.get("shape") or None, field)
+
+
+def target_prompt_from_json(value: Any, prompt_len: int, max_ids: int) -> dict[str, Any] | None:
+    """target_prompt_logprobs: Tinker TensorData of int64 token ids [len(prompt) - 1, K], dense or sparse CSR (cells it
+    does not list ask for nothing, as -1 does), or a nested list; None when absent (api.datums.target_prompt_cells)."""
+    field = "target_prompt_logprobs"
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        ids = _numbers(value, field, "int64")
+        return target_prompt_cells(ids, list(ids.shape), prompt_len, max_ids)
+    if value.get("dtype", "int64") not in ("int64", "int32"):
+        raise UserError(f"{field}.dtype: must be int64 (token ids), got {value.get('dtype')!r:.80}")
+    ids = _numbers(value.get("data", []), f"{field}.data", "int64")
+    if value.get("sparse_crow_indices") is None:
+        return target_prompt_cells(ids, value.get("shape"), prompt_len, max_ids)
+    crow = _numbers(value["sparse_crow_indices"], f"{field}.sparse_crow_indices", "int64")
+    col = _numbers(value.get("sparse_col_indices"), f"{field}.sparse_col_indices", "int64")
+    return target_prompt_cells(ids, value.get("shape"), prompt_len, max_ids, (crow, col))
 
 
 def tokens_from_json(value: Any, field: str) -> np.ndarray:
@@ -118,13 +137,14 @@ def result_json(kind: str, result: Any) -> Any:
             "metrics": result["metrics"],
         }
     if kind == "sample":
-        return {
+        answer = {
             "type": "sample",
             "sequences": [
                 {
                     "tokens": decode_array(s["tokens"]).tolist(),
                     "logprobs": decode_array(s["logprobs"]).tolist(),
                     "stop_reason": s["stop_reason"],
+                    **({"topk_logprobs": topk_json(s["topk_logprobs"])} if s.get("topk_logprobs") else {}),
                 }
                 for s in result["sequences"]
             ],
@@ -133,7 +153,25 @@ def result_json(kind: str, result: Any) -> Any:
             else None,
             "topk_prompt_logprobs": topk_json(result.get("topk_prompt_logprobs")),
         }
+        if result.get("target_prompt_logprobs"):
+            answer["target_prompt_logprobs"] = target_json(result["target_prompt_logprobs"])
+        if result.get("prompt_alt_tokens"):
+            alt = result["prompt_alt_tokens"]
+            answer["prompt_alt_tokens"] = {
+                "tokens": tensor_json(alt["tokens"]),
+                "logprobs": tensor_json(alt["logprobs"]),
+            }
+        return answer
     return result
+
+
+def target_json(payload: dict[str, Any]) -> dict[str, Any]:
+    """A result's target_prompt_logprobs as Tinker TensorData, float32, in the request's layout (dense or CSR)."""
+    values, shape, crow, col = target_answer(payload)
+    out: dict[str, Any] = {"data": values.tolist(), "dtype": "float32", "shape": shape}
+    if crow is not None and col is not None:
+        out.update(sparse_crow_indices=crow.tolist(), sparse_col_indices=col.tolist())
+    return out
 
 
 def topk_json(payload: dict[str, Any] | list | None) -> list[list[list[float]]] | None:

@@ -14,8 +14,9 @@ from api import limits, validate
 from api.auth import public
 from api.datums import check_tokens
 from api.futures import PENDING, error_body
-from api.jsonwire import body, datums_from_json, required, result_json, tokens_from_json
-from api.service import Service
+from api.jsonwire import body, datums_from_json, required, result_json, target_prompt_from_json, tokens_from_json
+from api.service import Service, sequence_ids
+from api.validate import MAX_TOPK
 from core.errors import UserError
 from core.wire import encode_array
 
@@ -133,7 +134,17 @@ def _native_sample(payload: dict[str, Any]) -> str:
     check_tokens(tokens, "prompt")
     options = (payload.get("num_samples", 1), payload.get("prompt_logprobs"), payload.get("topk_prompt_logprobs"))
     return svc.sample(
-        g.owner, base_model, adapter_dir, encode_array(tokens, "int64"), payload.get("sampling_params"), *options
+        g.owner,
+        base_model,
+        adapter_dir,
+        encode_array(tokens, "int64"),
+        payload.get("sampling_params"),
+        *options,
+        topk_sample_logprobs=payload.get("topk_sample_logprobs"),
+        target_prompt_logprobs=target_prompt_from_json(payload.get("target_prompt_logprobs"), len(tokens), MAX_TOPK),
+        prompt_alt_tokens_k=payload.get("prompt_alt_tokens_k"),
+        record_stability_info=payload.get("record_stability_info"),
+        sampler_id=sampler_id,
     )
 
 
@@ -149,8 +160,7 @@ def asample():
     """Tinker's asample body (sampling_session_id) or the native one (base_model / model_path)."""
     payload = body()
     request_id = _native_sample(payload)
-    num_samples = payload.get("num_samples", 1)
-    return jsonify(request_id=request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(num_samples)])
+    return jsonify(request_id=request_id, sample_sequence_ids=sequence_ids(request_id, payload.get("num_samples", 1)))
 
 
 def poll_answer(future: dict[str, Any], request_id: str, timeout_s: float) -> tuple[Response | None, Any]:

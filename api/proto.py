@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from api.datums import checked_datum, dense, dense_from_csr
+from api.datums import checked_datum, dense, dense_from_csr, target_answer
 from api.limits import body_limit, body_too_large
 from core.errors import UserError
 from core.wire import TOPK_EMPTY, decode_array, decode_topk
@@ -199,18 +199,45 @@ def _topk(payload: dict[str, Any] | list) -> Any:
     return pb.TopkLogprobs(token_ids=ids.tobytes(), logprobs=logprobs.tobytes(), k=k, length=len(tokens))
 
 
+def _dense_tensor(array: np.ndarray, dtype: str) -> Any:
+    """A numpy array as a dense proto Tensor (dtype float32 or int64)."""
+    data = np.ascontiguousarray(array, dtype=_NP_OF[_PB_OF[dtype]]).tobytes()
+    return pb.Tensor(dense=data, dtype=_PB_OF[dtype], shape=[int(s) for s in array.shape])
+
+
+def _target_tensor(payload: dict[str, Any]) -> Any:
+    """A result's target_prompt_logprobs (api.datums.target_answer) as a float32 Tensor in the request's layout."""
+    values, shape, crow, col = target_answer(payload)
+    if crow is None or col is None:
+        return _dense_tensor(values.reshape(shape), "float32")
+    csr = pb.SparseCsr(
+        values=values.astype("<f4").tobytes(),
+        crow_indices=crow.astype("<i8").tobytes(),
+        col_indices=col.astype("<i8").tobytes(),
+    )
+    return pb.Tensor(sparse_csr=csr, dtype=pb.DTYPE_FLOAT32, shape=shape)
+
+
 def sample_response(result: dict[str, Any]) -> bytes:
     """Sample task result → SampleResponse bytes (tokens int32, logprobs float32, NaN where no value)."""
     out = pb.SampleResponse()
     for seq in result["sequences"]:
         reason = pb.STOP_REASON_LENGTH if seq.get("stop_reason") == "length" else pb.STOP_REASON_STOP
-        out.sequences.add(
+        sequence = out.sequences.add(
             stop_reason=reason,
             tokens=decode_array(seq["tokens"]).astype("<i4").tobytes(),
             logprobs=decode_array(seq["logprobs"]).astype("<f4").tobytes(),
         )
+        if seq.get("topk_logprobs") is not None:
+            sequence.topk_sampled_logprobs.CopyFrom(_topk(seq["topk_logprobs"]))
     if result.get("prompt_logprobs"):
         out.prompt_logprobs = decode_array(result["prompt_logprobs"]).astype("<f4").tobytes()
     if result.get("topk_prompt_logprobs") is not None:
         out.topk_prompt_logprobs.CopyFrom(_topk(result["topk_prompt_logprobs"]))
+    if result.get("target_prompt_logprobs"):
+        out.target_prompt_logprobs.CopyFrom(_target_tensor(result["target_prompt_logprobs"]))
+    if result.get("prompt_alt_tokens"):
+        alt = result["prompt_alt_tokens"]
+        out.prompt_alt_tokens.tokens.CopyFrom(_dense_tensor(decode_array(alt["tokens"]), "int64"))
+        out.prompt_alt_tokens.logprobs.CopyFrom(_dense_tensor(decode_array(alt["logprobs"]), "float32"))
     return out.SerializeToString()

@@ -26,7 +26,7 @@ from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
 from backends.models import is_known_model
-from core.errors import NotFound, QuotaExceeded, UserError
+from core.errors import NotFound, QuotaExceeded, UserError, unpublished_loss
 from core.registry import OUTBOX_GRACE_S, Outgoing, Registry, checkpoint_bytes_error
 from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue, worker_queue
@@ -51,6 +51,11 @@ def decode_message(message: str) -> tuple[str, dict[str, Any], str]:
     """(task name, kwargs, kwargsrepr) of an encode_message."""
     task, kwargs, kwargsrepr = msgpack.unpackb(base64.b64decode(message), raw=False)
     return task, kwargs, kwargsrepr
+
+
+def sequence_ids(request_id: str, num_samples: int) -> list[str]:
+    """The SampledSequence.sequence_id of each sample of a sample request, in order (the SDK's sample_sequence_ids)."""
+    return [f"{request_id}:{i}" for i in range(num_samples)]
 
 
 class Service:
@@ -338,7 +343,8 @@ class Service:
             if (
                 custom_loss is None and catalog and not builtin
             ):  # before a worker published the catalog, the worker decides
-                raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
+                refusal = unpublished_loss(loss_fn, self.registry.builtin_loss_names())
+                raise refusal or UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         shape = f"{len(data)}x{max(d['tokens']['shape'][0] for d in data)}"
         kwargs = {
             "model_id": model_id,
@@ -472,12 +478,22 @@ class Service:
         num_samples: int,
         prompt_logprobs: bool,
         topk_prompt_logprobs: int | None,
+        topk_sample_logprobs: int | None = None,
+        target_prompt_logprobs: dict[str, Any] | None = None,
+        prompt_alt_tokens_k: int | None = None,
+        record_stability_info: bool | None = None,
+        sampler_id: str | None = None,
     ) -> str:
-        """prompt: a wire array of token ids, checked by the caller (api.datums.check_tokens)."""
+        """prompt: a wire array of token ids, checked by the caller (api.datums.check_tokens).
+        target_prompt_logprobs: as api.datums.target_prompt_cells makes it. record_stability_info: keep each returned
+        sequence_id (sequence_ids) on record for TINKERBELL_SEQUENCE_TTL_S; no loss reads them yet."""
         spec = sampling_spec(sampling_params)
         num_samples = validate.integer(num_samples, "num_samples", 1, MAX_SAMPLES)
         prompt_logprobs = validate.boolean(prompt_logprobs, "prompt_logprobs")
         topk = validate.optional_integer(topk_prompt_logprobs, "topk_prompt_logprobs", 0, MAX_TOPK) or 0
+        topk_sample = validate.optional_integer(topk_sample_logprobs, "topk_sample_logprobs", 0, MAX_TOPK) or 0
+        alt_k = validate.optional_integer(prompt_alt_tokens_k, "prompt_alt_tokens_k", 0, MAX_TOPK) or 0
+        record = validate.boolean(record_stability_info, "record_stability_info")
         limits.check_sample(self.settings, int(prompt["shape"][0]), num_samples, spec.max_tokens)
         request_id = str(uuid.uuid4())
         kwargs = {
@@ -489,6 +505,15 @@ class Service:
             "prompt_logprobs": prompt_logprobs,
             "topk_prompt_logprobs": topk,
         }
+        extras = {
+            "topk_sample_logprobs": topk_sample,
+            "target_prompt_logprobs": target_prompt_logprobs,
+            "prompt_alt_tokens_k": alt_k,
+        }
+        kwargs.update((k, v) for k, v in extras.items() if v)  # absent: a worker of the previous version still runs it
+        if record:
+            ids = sequence_ids(request_id, num_samples)
+            self.registry.record_sequences(owner, sampler_id, request_id, ids, self.settings.sequence_ttl_s)
         self.publish(
             owner,
             "sample",

@@ -82,6 +82,7 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk_logprobs: list[list[tuple[int, float]]] | None = None  # k (token, logprob) per sampled token, if asked
 
 
 @dataclass
@@ -89,6 +90,9 @@ class SampleRequest:
     """One sample call, as the engine hands a batch of them to SamplingBackend.sample_batch.
 
     adapter_dir: saved sampler weights (PEFT format) or None for the base model.
+    target_prompt_cells: (n, 2) int64 cells [row i, token id] of Tinker's target_prompt_logprobs: the logprob of that
+    token at prompt position i + 1 is asked for (token id -1: nothing; its answer is 0.0).
+    prompt_alt_tokens_k: draws per prompt position after the first, at the request's temperature.
     """
 
     base_model: str
@@ -98,6 +102,9 @@ class SampleRequest:
     num_samples: int = 1
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_cells: np.ndarray | list[list[int]] | None = None
+    prompt_alt_tokens_k: int = 0
 
 
 @dataclass
@@ -107,6 +114,9 @@ class SampleResult:
     topk_prompt_logprobs: list[list[tuple[int, float]]] | None = (
         None  # k (token, logprob) per position; position 0 is []
     )
+    target_prompt_logprobs: np.ndarray | None = None  # (n,) float32, one per target_prompt_cells row (0.0 for -1)
+    prompt_alt_tokens: np.ndarray | None = None  # (len(prompt) - 1, k) int64: row i draws for prompt position i + 1
+    prompt_alt_logprobs: np.ndarray | None = None  # (len(prompt) - 1, k) float32: raw logprob of each draw
 
 
 class TrainingBackend(Protocol):

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from backends.base import SampledSequence, SampleResult, SamplingSpec
@@ -33,6 +34,18 @@ class GenJob:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     time_limit_s: float | None = None  # from the start of its loop; past it the job fails, the others go on
+    topk_sample_logprobs: int = 0
+    target_prompt_cells: np.ndarray | None = None  # (n, 2) int64 [row, token id or -1], as validate_extras returns
+    prompt_alt_tokens_k: int = 0
+
+    def needs_prompt_logits(self) -> bool:
+        """Whether the prefill must keep every prompt position's logits, not only the last one's."""
+        return bool(
+            self.prompt_logprobs
+            or self.topk_prompt_logprobs
+            or self.target_prompt_cells is not None
+            or self.prompt_alt_tokens_k
+        )
 
 
 @dataclass
@@ -42,6 +55,7 @@ class _Row:
     job: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when its job asks for top-k
     reason: str = "length"
 
 
@@ -62,13 +76,21 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 
 
 def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: (n, V) probabilities and (n,) uniforms in [0, 1) -> (n,) token ids.
+    """Inverse-CDF sampling: (n, V) probabilities and (n,) or (n, k) uniforms in [0, 1) -> (n,) or (n, k) token ids.
 
-    One uniform per row (drawn on the CPU from the request's own generator) keeps a request's tokens independent of
-    whatever else shares the batch and of the device; right=True never lands on a zero-probability token."""
+    Uniforms drawn on the CPU from the request's own generator keep a request's tokens independent of whatever else
+    shares the batch and of the device; right=True never lands on a zero-probability token."""
     cdf = probs.cumsum(-1)  # (n, V), non-decreasing
-    target = uniforms[:, None] * cdf[:, -1:]  # (n, 1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    per_row = uniforms.ndim == 1
+    target = (uniforms[:, None] if per_row else uniforms) * cdf[:, -1:]  # (n, 1) or (n, k)
+    ids = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+    return ids.squeeze(1) if per_row else ids
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """A seed for another random stream of the same request (prompt_alt_tokens_k), so asking for it does not change
+    the sampled tokens, and request seeds s and s + 1 do not share a stream."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class StopChecker:
@@ -134,16 +156,18 @@ class _Forward:
 
 
 def _prompt_results(logits: torch.Tensor, jobs: list[GenJob], width: int) -> list[SampleResult]:
-    """(J, P, V) prefill logits of left-padded prompts -> each job's prompt logprobs and top-k prompt logprobs."""
+    """(J, P, V) prefill logits of left-padded prompts -> each job's prompt logprobs, top-k prompt logprobs, target
+    prompt logprobs and prompt alternative-token draws."""
     results = []
     for j, job in enumerate(jobs):
         result = SampleResult(sequences=[])
         results.append(result)
-        if not (job.prompt_logprobs or job.topk_prompt_logprobs):
+        if not job.needs_prompt_logits():
             continue
-        ids = torch.tensor(job.prompt[1:], dtype=torch.int64, device=logits.device)  # (L-1,)
-        lsm = logits[j, width - len(job.prompt) : -1].float().log_softmax(-1)  # (L-1, V): row i predicts prompt[i+1]
+        rows = logits[j, width - len(job.prompt) : -1].float()  # (L-1, V): row i predicts prompt[i+1]
+        lsm = rows.log_softmax(-1)  # (L-1, V)
         if job.prompt_logprobs:
+            ids = torch.tensor(job.prompt[1:], dtype=torch.int64, device=logits.device)  # (L-1,)
             picked = lsm.gather(-1, ids[:, None]).squeeze(-1)  # (L-1,)
             result.prompt_logprobs = [None] + [float(v) for v in picked.tolist()]
         if job.topk_prompt_logprobs:
@@ -151,13 +175,35 @@ def _prompt_results(logits: torch.Tensor, jobs: list[GenJob], width: int) -> lis
             result.topk_prompt_logprobs = [[]] + [  # position 0 has no prediction: an empty row
                 list(zip(map(int, i_row), map(float, v_row))) for i_row, v_row in zip(indices.tolist(), values.tolist())
             ]
+        if job.target_prompt_cells is not None:
+            cells = torch.as_tensor(job.target_prompt_cells, dtype=torch.int64, device=logits.device)  # (n, 2)
+            wanted = cells[:, 1]  # (n,), -1 where the cell asks for nothing
+            picked = lsm[cells[:, 0], wanted.clamp(min=0)].masked_fill(wanted < 0, 0.0)  # (n,)
+            result.target_prompt_logprobs = picked.cpu().numpy().astype(np.float32)
+        if job.prompt_alt_tokens_k:
+            draws = _alt_draws(rows, job)  # (L-1, k)
+            result.prompt_alt_tokens = draws.cpu().numpy().astype(np.int64)
+            result.prompt_alt_logprobs = lsm.gather(-1, draws).cpu().numpy().astype(np.float32)
     return results
+
+
+def _alt_draws(rows: torch.Tensor, job: GenJob) -> torch.Tensor:
+    """(L-1, V) prompt logits -> (L-1, k) token ids drawn with replacement from each position's next-token
+    distribution at the job's temperature (no top-k / top-p); temperature 0 repeats the argmax."""
+    k, temperature = job.prompt_alt_tokens_k, job.spec.temperature
+    if temperature == 0:
+        return rows.argmax(-1, keepdim=True).expand(-1, k)
+    seed = job.spec.seed if job.spec.seed is not None else secrets.randbits(63)
+    generator = torch.Generator().manual_seed(_derived_seed(seed, 1))
+    uniforms = torch.rand((rows.shape[0], k), generator=generator).to(rows.device)  # (L-1, k), CPU-drawn
+    return _draw(_filtered_probs(rows, temperature, -1, 1.0), uniforms)
 
 
 def _choose(
     logits: torch.Tensor, row_jobs: list[int], jobs: list[GenJob], generators: dict[int, torch.Generator]
-) -> tuple[torch.Tensor, list[int], list[float]]:
-    """(R, V) next-token logits -> chosen ids (R,) and their raw (temperature 1) logprobs, by each row's job."""
+) -> tuple[torch.Tensor, list[int], list[float], list[list[tuple[int, float]] | None]]:
+    """(R, V) next-token logits -> chosen ids (R,), their raw (temperature 1) logprobs, and each row's raw top-k
+    (token, logprob) where its job asks for topk_sample_logprobs (else None), by each row's job."""
     rows = len(row_jobs)
     groups: dict[tuple[float, int, float], list[int]] = {}  # rows that share sampling parameters
     by_job: dict[int, list[int]] = {}
@@ -178,9 +224,19 @@ def _choose(
             chosen[index] = logits[index].argmax(-1)
         else:
             chosen[index] = _draw(_filtered_probs(logits[index], temperature, top_k, top_p), uniforms[index])
+    norm = logits.logsumexp(-1)  # (R,)
     picked = logits.gather(-1, chosen[:, None]).squeeze(1)  # (R,)
-    chosen_lp = picked - logits.logsumexp(-1)  # (R,) log-softmax at temperature 1
-    return chosen, chosen.tolist(), chosen_lp.tolist()
+    chosen_lp = picked - norm  # (R,) log-softmax at temperature 1
+    tops: list[list[tuple[int, float]] | None] = [None] * rows
+    wants = [b for b, j in enumerate(row_jobs) if jobs[j].topk_sample_logprobs]
+    if wants:
+        index = torch.tensor(wants, device=logits.device)
+        k = max(jobs[row_jobs[b]].topk_sample_logprobs for b in wants)
+        values, ids = (logits[index] - norm[index, None]).topk(k, dim=-1)  # (R', k) raw log-softmax
+        for b, id_row, value_row in zip(wants, ids.tolist(), values.tolist()):
+            mine = jobs[row_jobs[b]].topk_sample_logprobs
+            tops[b] = list(zip(id_row[:mine], value_row[:mine]))
+    return chosen, chosen.tolist(), chosen_lp.tolist(), tops
 
 
 def drain(steps: Generator[None, None, Any]) -> Any:
@@ -219,7 +275,7 @@ def generate_steps(base: LoadedBase, jobs: list[GenJob]) -> Generator[None, None
             mask[j, width - lengths[j] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (J, P): each row counts from its first real token
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        want_all = any(job.prompt_logprobs or job.topk_prompt_logprobs for job in jobs)
+        want_all = any(job.needs_prompt_logits() for job in jobs)
         adapters = [job.adapter for job in jobs]
         logits, cache = forward(adapters, ids, mask, positions, None, last_only=not want_all)  # (J, P or 1, V)
         results = _prompt_results(logits, jobs, width) if want_all else [SampleResult(sequences=[]) for _ in jobs]
@@ -246,13 +302,16 @@ def generate_steps(base: LoadedBase, jobs: list[GenJob]) -> Generator[None, None
     yield
     while active:
         with _step(base):
-            chosen, tokens, chosen_lp = _choose(next_logits, [rows[r].job for r in active], jobs, generators)  # (R,)
+            row_jobs = [rows[r].job for r in active]
+            chosen, tokens, chosen_lp, tops = _choose(next_logits, row_jobs, jobs, generators)  # (R,)
             now = time.monotonic()
             stay = []
             for b, r in enumerate(active):
                 row = rows[r]
                 row.tokens.append(tokens[b])
                 row.logprobs.append(chosen_lp[b])
+                if tops[b] is not None:
+                    row.topk.append(tops[b])  # type: ignore[arg-type]
                 if stops[row.job](row.tokens):
                     row.reason = "stop"
                 elif len(row.tokens) < jobs[row.job].spec.max_tokens:
@@ -277,7 +336,8 @@ def generate_steps(base: LoadedBase, jobs: list[GenJob]) -> Generator[None, None
             lengths_now = lengths_now + 1
         yield
     for row in rows:
-        sequence = SampledSequence(tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.reason)
+        topk = row.topk if jobs[row.job].topk_sample_logprobs else None
+        sequence = SampledSequence(tokens=row.tokens, logprobs=row.logprobs, stop_reason=row.reason, topk_logprobs=topk)
         results[row.job].sequences.append(sequence)
     out: list[SampleResult | Exception] = list(results)
     for j in timed_out:

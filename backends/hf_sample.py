@@ -17,7 +17,7 @@ import torch
 from backends.base import SampleRequest, SampleResult, SamplingSpec
 from backends.hf import LoadedBase, get_base, memory_bytes, settings_dtype, torch_device
 from backends.hf_generate import GenJob, drain, generate_steps
-from backends.sample_checks import plain_tokens, validate
+from backends.sample_checks import plain_tokens, validate, validate_extras
 from core.errors import UserError
 from core.settings import Settings
 
@@ -103,10 +103,20 @@ class HFSamplingBackend:
         """Validate one request and attach its adapter; raises UserError naming the field."""
         prompt: list[int] = plain_tokens(list(request.prompt))  # type: ignore[assignment]  # validate checks them
         spec = validate(prompt, request.params, request.num_samples, request.topk_prompt_logprobs, base)
+        cells = validate_extras(request, base)
         adapter = self._adapter(base, request.adapter_dir) if request.adapter_dir else None
-        want_lp, topk = bool(request.prompt_logprobs), request.topk_prompt_logprobs
-        limit = self.settings.sample_time_limit_s
-        return GenJob(prompt, spec, request.num_samples, adapter, want_lp, topk, limit)
+        return GenJob(
+            prompt,
+            spec,
+            request.num_samples,
+            adapter,
+            prompt_logprobs=bool(request.prompt_logprobs),
+            topk_prompt_logprobs=request.topk_prompt_logprobs,
+            time_limit_s=self.settings.sample_time_limit_s,
+            topk_sample_logprobs=request.topk_sample_logprobs,
+            target_prompt_cells=cells,
+            prompt_alt_tokens_k=request.prompt_alt_tokens_k,
+        )
 
     def sample_batch(self, requests: list[SampleRequest]) -> list[SampleResult | Exception]:
         """Decode the requests together, one group per base model, each group in loops of at most engine_sample_rows
@@ -159,10 +169,12 @@ class HFSamplingBackend:
         num_samples: int = 1,
         prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        **extras: Any,
     ) -> SampleResult:
-        """Sample num_samples continuations of prompt. seed fixes the tokens; temperature 0 is greedy."""
+        """Sample num_samples continuations of prompt. seed fixes the tokens; temperature 0 is greedy.
+        extras: SampleRequest's topk_sample_logprobs, target_prompt_cells, prompt_alt_tokens_k."""
         request = SampleRequest(
-            base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs
+            base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs, **extras
         )
         [result] = self.sample_batch([request])
         if isinstance(result, Exception):

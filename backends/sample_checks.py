@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from backends.base import SamplingSpec
+import numpy as np
+
+from backends.base import SampleRequest, SamplingSpec
 from core.errors import UserError
 
 
@@ -73,3 +75,32 @@ def validate(
     return SamplingSpec(
         max_tokens=max_tokens, temperature=float(t), top_p=float(p), top_k=k, seed=params.seed, stop=stop
     )
+
+
+def validate_extras(request: SampleRequest, limits: ModelLimits) -> np.ndarray | None:
+    """Check the request's topk_sample_logprobs, target_prompt_cells and prompt_alt_tokens_k (after `validate`);
+    returns the target cells as an (n, 2) int64 array, or None. UserError naming the Tinker field."""
+    k, alt_k = request.topk_sample_logprobs, request.prompt_alt_tokens_k
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= limits.vocab_out:
+        raise UserError(f"topk_sample_logprobs: must be between 0 and {limits.vocab_out}, got {k!r}")
+    if not isinstance(alt_k, int) or isinstance(alt_k, bool) or alt_k < 0:
+        raise UserError(f"prompt_alt_tokens_k: must be 0 or greater, got {alt_k!r}")
+    if request.target_prompt_cells is None:
+        return None
+    field = "target_prompt_logprobs"
+    try:
+        cells = np.asarray(request.target_prompt_cells, dtype=np.int64).reshape(-1, 2)  # (n, 2)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UserError(f"{field}: not a tensor of token ids ({exc})") from None
+    rows = len(request.prompt) - 1
+    if len(cells) and not ((cells[:, 0] >= 0) & (cells[:, 0] < rows)).all():
+        raise UserError(f"{field}: needs exactly len(prompt) - 1 = {rows} rows (row i scores prompt position i + 1)")
+    ids = cells[:, 1]
+    if not (ids >= 0).any():
+        raise UserError(f"{field}: names no token id (every cell is -1); send at least one")
+    bad = ids[(ids < -1) | (ids >= limits.vocab_out)]
+    if len(bad):
+        raise UserError(
+            f"{field}: token id {int(bad[0])} is outside the vocabulary [0, {limits.vocab_out}) (-1: no token)"
+        )
+    return cells

@@ -21,7 +21,7 @@ from typing import Any
 
 from backends.base import SampledSequence, SampleRequest, SampleResult, SamplingSpec
 from backends.loader import BackendUnavailable
-from backends.sample_checks import plain_tokens, validate
+from backends.sample_checks import plain_tokens, validate, validate_extras
 from core.errors import UserError
 from core.settings import Settings
 
@@ -82,6 +82,7 @@ class _Row:
     params: Any  # vllm.SamplingParams
     lora: Any  # vllm LoRARequest or None
     prompt_logprobs: bool  # asked for the prompt tokens' own logprobs
+    topk_sample: int  # topk_sample_logprobs
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -282,6 +283,16 @@ class VLLMSamplingBackend:
 
         prompt: list[int] = plain_tokens(list(request.prompt))  # type: ignore[assignment]  # validate checks them
         spec = validate(prompt, request.params, request.num_samples, request.topk_prompt_logprobs, model)
+        validate_extras(request, model)
+        for name, asked in (
+            ("target_prompt_logprobs", request.target_prompt_cells is not None),
+            ("prompt_alt_tokens_k", bool(request.prompt_alt_tokens_k)),
+        ):
+            if asked:  # vLLM reports the top-k of each position, never chosen ids' logprobs or draws from the prompt
+                raise UserError(
+                    f"{name}: not supported by the vLLM sampling backend (vLLM gives only top-k logprobs); the HF "
+                    "sampling backend supports it (a worker with TINKERBELL_SAMPLING_BACKEND=hf)"
+                )
         lora = self._lora(model, request.adapter_dir) if request.adapter_dir else None
         # The HF backend's stop rule: None = the model's EOS ids, strings only, ids only, [] = never stop.
         strings = [s for s in spec.stop if isinstance(s, str)] if spec.stop else []
@@ -295,7 +306,7 @@ class VLLMSamplingBackend:
             top_k=top_k,
             seed=spec.seed,
             max_tokens=max(1, spec.max_tokens),  # vLLM decodes at least one token; max_tokens 0 drops it below
-            logprobs=0,  # the drawn token's own logprob
+            logprobs=request.topk_sample_logprobs,  # the drawn token's own logprob, plus the top-k if asked
             prompt_logprobs=request.topk_prompt_logprobs if want_prompt else None,
             stop=strings or None,
             stop_token_ids=ids,
@@ -304,7 +315,7 @@ class VLLMSamplingBackend:
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
         )
-        return _Row(index, spec, prompt, params, lora, bool(request.prompt_logprobs))
+        return _Row(index, spec, prompt, params, lora, bool(request.prompt_logprobs), request.topk_sample_logprobs)
 
     def _generate(self, model: _Model, rows: list[_Row]) -> list[SampleResult | Exception]:
         prompts = [{"prompt_token_ids": row.prompt} for row in rows]
@@ -364,10 +375,11 @@ class VLLMSamplingBackend:
         num_samples: int = 1,
         prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        **extras: Any,
     ) -> SampleResult:
         """Sample num_samples continuations of prompt; as HFSamplingBackend.sample."""
         request = SampleRequest(
-            base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs
+            base_model, adapter_dir, prompt, params, num_samples, prompt_logprobs, topk_prompt_logprobs, **extras
         )
         [result] = self.sample_batch([request])
         if isinstance(result, Exception):
@@ -391,20 +403,26 @@ def _result(row: _Row, output: Any) -> SampleResult:
             result.sequences.append(SampledSequence(tokens=[], logprobs=[], stop_reason="length"))
             continue
         tokens = [int(t) for t in completion.token_ids]
-        logprobs = [float(step[t].logprob) for step, t in zip(completion.logprobs or [], tokens)]
+        steps = completion.logprobs or []
+        logprobs = [float(step[t].logprob) for step, t in zip(steps, tokens)]
         reason = "stop" if completion.finish_reason == "stop" else "length"
-        result.sequences.append(SampledSequence(tokens=tokens, logprobs=logprobs, stop_reason=reason))
+        topk = [_ranked(step, row.topk_sample) for step in steps] if row.topk_sample else None
+        result.sequences.append(
+            SampledSequence(tokens=tokens, logprobs=logprobs, stop_reason=reason, topk_logprobs=topk)
+        )
     if row.params.prompt_logprobs is not None:
         steps = output.prompt_logprobs or []
         if row.prompt_logprobs:
             result.prompt_logprobs = [None] + [float(steps[i][t].logprob) for i, t in enumerate(row.prompt) if i]
         k = row.params.prompt_logprobs
         if k:
-            result.topk_prompt_logprobs = [[]] + [
-                [(int(t), float(lp.logprob)) for t, lp in sorted(steps[i].items(), key=lambda kv: kv[1].rank)][:k]
-                for i in range(1, len(row.prompt))
-            ]
+            result.topk_prompt_logprobs = [[]] + [_ranked(steps[i], k) for i in range(1, len(row.prompt))]
     return result
+
+
+def _ranked(step: dict[int, Any], k: int) -> list[tuple[int, float]]:
+    """One position's vLLM logprobs ({token: Logprob}, the top k plus the drawn or prompt token) -> its top k."""
+    return [(int(t), float(lp.logprob)) for t, lp in sorted(step.items(), key=lambda kv: kv[1].rank)][:k]
 
 
 # ---- JSON-lines CLI: one process holding the engines, for tests and bench/sampling.py -----------------------------
@@ -440,7 +458,7 @@ def serve_stdio(settings: Settings) -> None:
         except Exception as exc:  # report, keep serving
             log.exception("request failed")
             answer = {"error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(answer) + "\n")
+        out.write(json.dumps(answer, default=lambda array: array.tolist()) + "\n")  # numpy results (HF route)
         out.flush()
 
 

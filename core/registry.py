@@ -779,6 +779,25 @@ class Registry:
     def sampler(self, sampler_id: str, owner: str) -> dict[str, Any]:
         return self._owned("sampler", sampler_id, owner, "sampling_session_id")
 
+    # ---- sampled sequences kept on record (record_stability_info) ---------------------------------------
+    def record_sequences(
+        self, owner: str, sampler_id: str | None, request_id: str, sequence_ids: list[str], ttl_s: float
+    ) -> None:
+        """Keep each sequence_id of a sample request for ttl_s: whose it is, and where its tokens and logprobs are
+        (sample `index` of the result of `request_id`, which the result backend keeps longer)."""
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index, sequence_id in enumerate(sequence_ids):
+                key = P + f"sequence:{sequence_id}"
+                record = {"owner": owner, "sampler_id": sampler_id, "request_id": request_id, "index": index}
+                pipe.hset(key, mapping={k: _dumps(v) for k, v in {**record, "created": now}.items()})
+                pipe.expire(key, max(1, int(ttl_s)))
+            pipe.execute()
+
+    def sampled_sequence(self, sequence_id: str, owner: str) -> dict[str, Any]:
+        """The record of a kept sequence_id; NotFound once it expired, or for another key's."""
+        return self._owned("sequence", sequence_id, owner, "sequence_id")
+
     # ---- loss catalog (workers publish the built-ins; api/ reads it without importing torch) ----
     def publish_builtin_losses(self, catalog: list[dict[str, Any]]) -> None:
         self.redis.hset(P + "losses:builtin", mapping={c["name"]: _dumps(c) for c in catalog})

@@ -264,6 +264,14 @@ class Settings:
             "leaves no checkpoint, a load goes back to the autosave from before it, a create is removed. 0: none.",
         },
     )
+    sequence_ttl_s: float = field(
+        default=86400.0,
+        metadata={
+            "env": "TINKERBELL_SEQUENCE_TTL_S",
+            "help": "How long the sequence_ids of a sample made with record_stability_info=True stay on record "
+            "(owner, request, sample index); no loss reads them yet.",
+        },
+    )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata={

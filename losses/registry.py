@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.errors import UserError
+from core.errors import UserError, unpublished_loss
 from losses.contract import (
     CustomLossFn,
     call_custom_loss,
@@ -107,6 +107,9 @@ def get_loss_entry(name: str) -> LossEntry:
     """The registered entry for `name`; UserError naming the available losses when there is none."""
     entry = _LOSSES.get(name) if isinstance(name, str) else None
     if entry is None:
+        refusal = unpublished_loss(name, (n for n, e in _LOSSES.items() if e.builtin))
+        if refusal is not None:
+            raise refusal
         hint = " (loss_fn 'custom' needs loss_fn_config.loss_id)" if name == "custom" else ""
         raise UserError(f"loss_fn: unknown loss {name!r}{hint}; available: {', '.join(sorted(_LOSSES))}")
     return entry

@@ -25,7 +25,12 @@ def sample(
     num_samples: int = 1,
     prompt_logprobs: bool = False,
     topk_prompt_logprobs: int = 0,
+    topk_sample_logprobs: int = 0,
+    target_prompt_logprobs: dict[str, Any] | None = None,
+    prompt_alt_tokens_k: int = 0,
 ) -> dict[str, Any]:
+    """target_prompt_logprobs: as api.datums.target_prompt_cells makes it ("cells": (m, 2) [row, token id], and the
+    answer's layout); the answer is that layout with "values" (m,) in place of "cells"."""
     tokens = [int(t) for t in decode_array(prompt)]
     request = SampleRequest(
         base_model,
@@ -35,6 +40,9 @@ def sample(
         num_samples,
         prompt_logprobs,
         topk_prompt_logprobs,
+        topk_sample_logprobs,
+        decode_array(target_prompt_logprobs["cells"]) if target_prompt_logprobs else None,
+        prompt_alt_tokens_k,
     )
     result: SampleResult = runtime.engine.run(Work(SAMPLE, request, tokens=len(tokens)))
     runtime.after_result(stats={"tokens_sampled": sum(len(s.tokens) for s in result.sequences)})
@@ -44,6 +52,7 @@ def sample(
                 "tokens": encode_array(s.tokens, "int64"),
                 "logprobs": encode_array(s.logprobs, "float32"),
                 "stop_reason": s.stop_reason,
+                **({"topk_logprobs": encode_topk(s.topk_logprobs)} if s.topk_logprobs is not None else {}),
             }
             for s in result.sequences
         ],
@@ -56,4 +65,12 @@ def sample(
         )
     if result.topk_prompt_logprobs is not None:
         out["topk_prompt_logprobs"] = encode_topk(result.topk_prompt_logprobs)  # two [N, k] arrays (rule 4)
+    if target_prompt_logprobs and result.target_prompt_logprobs is not None:
+        layout = {k: v for k, v in target_prompt_logprobs.items() if k != "cells"}
+        out["target_prompt_logprobs"] = {**layout, "values": encode_array(result.target_prompt_logprobs, "float32")}
+    if result.prompt_alt_tokens is not None and result.prompt_alt_logprobs is not None:
+        out["prompt_alt_tokens"] = {
+            "tokens": encode_array(result.prompt_alt_tokens, "int64"),
+            "logprobs": encode_array(result.prompt_alt_logprobs, "float32"),
+        }
     return out

@@ -78,35 +78,57 @@ def solo(sampler, request: SampleRequest) -> SampleResult:
         request.num_samples,
         request.prompt_logprobs,
         request.topk_prompt_logprobs,
+        topk_sample_logprobs=request.topk_sample_logprobs,
+        target_prompt_cells=request.target_prompt_cells,
+        prompt_alt_tokens_k=request.prompt_alt_tokens_k,
     )
 
 
+def _assert_same_topk(batched: list | None, alone: list | None) -> None:
+    assert (batched is None) == (alone is None)
+    for b_row, a_row in zip(batched or [], alone or []):
+        assert [t for t, _ in b_row] == [t for t, _ in a_row]
+        np.testing.assert_allclose([v for _, v in b_row], [v for _, v in a_row], atol=1e-4, rtol=0)
+
+
 def assert_same(batched: SampleResult, alone: SampleResult) -> None:
-    """Same tokens and stop reasons; logprobs (sampled, prompt, top-k prompt) within 1e-4."""
+    """Same tokens, stop reasons and prompt draws; logprobs (sampled, prompt, top-k sampled and prompt, target
+    prompt, prompt draws) within 1e-4."""
     assert [s.tokens for s in batched.sequences] == [s.tokens for s in alone.sequences]
     assert [s.stop_reason for s in batched.sequences] == [s.stop_reason for s in alone.sequences]
     for b, a in zip(batched.sequences, alone.sequences):
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4, rtol=0)
+        _assert_same_topk(b.topk_logprobs, a.topk_logprobs)
+    for name in ("target_prompt_logprobs", "prompt_alt_logprobs"):
+        mine, theirs = getattr(batched, name), getattr(alone, name)
+        assert (mine is None) == (theirs is None), name
+        if theirs is not None:
+            np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+    assert (batched.prompt_alt_tokens is None) == (alone.prompt_alt_tokens is None)
+    if alone.prompt_alt_tokens is not None:
+        assert batched.prompt_alt_tokens.tolist() == alone.prompt_alt_tokens.tolist()
     assert (batched.prompt_logprobs is None) == (alone.prompt_logprobs is None)
     if alone.prompt_logprobs is not None:
         assert batched.prompt_logprobs[0] is None and len(batched.prompt_logprobs) == len(alone.prompt_logprobs)
         np.testing.assert_allclose(batched.prompt_logprobs[1:], alone.prompt_logprobs[1:], atol=1e-4, rtol=0)
-    assert (batched.topk_prompt_logprobs is None) == (alone.topk_prompt_logprobs is None)
-    if alone.topk_prompt_logprobs is not None:
-        for b_row, a_row in zip(batched.topk_prompt_logprobs, alone.topk_prompt_logprobs):
-            assert [t for t, _ in b_row] == [t for t, _ in a_row]
-            np.testing.assert_allclose([v for _, v in b_row], [v for _, v in a_row], atol=1e-4, rtol=0)
+    _assert_same_topk(batched.topk_prompt_logprobs, alone.topk_prompt_logprobs)
 
 
-def peft_prompt_logprobs(settings: Settings, tokens: list[int], adapter_dir: str) -> np.ndarray:
-    """The reference: logprob of tokens[j] given tokens[:j] by one plain PEFT forward pass."""
+def peft_logits(settings: Settings, tokens: list[int], adapter_dir: str | None) -> torch.Tensor:
+    """The reference: (N, V) logits of one plain HF (+ PEFT adapter) forward pass over tokens; row j predicts j + 1."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(Path(settings.models_dir) / TINY_MODEL_NAME), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokens])).logits[0]  # (N, V)
+        return model.eval()(input_ids=torch.tensor([tokens])).logits[0]
+
+
+def peft_prompt_logprobs(settings: Settings, tokens: list[int], adapter_dir: str) -> np.ndarray:
+    """The reference: logprob of tokens[j] given tokens[:j] by one plain PEFT forward pass."""
+    logits = peft_logits(settings, tokens, adapter_dir)
     return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
 
 
@@ -267,3 +289,110 @@ def test_a_request_past_the_sample_time_limit_fails_alone_with_the_setting_named
     unlimited = HFSamplingBackend(settings)
     assert_same(results[1], solo(unlimited, short))
     assert len(solo(unlimited, long).sequences[0].tokens) == 64  # without the limit it runs to max_tokens
+
+
+# ---- sampling extras: topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k -----------------------------
+def dense_cells(ids: list[list[int]]) -> np.ndarray:
+    """A dense [len(prompt) - 1, K] target_prompt_logprobs as the (n, 2) [row, token id] cells a backend takes."""
+    ids_array = np.asarray(ids, dtype=np.int64)
+    rows = np.repeat(np.arange(ids_array.shape[0]), ids_array.shape[1])
+    return np.stack([rows, ids_array.reshape(-1)], axis=1)
+
+
+def check_against_peft(settings: Settings, request: SampleRequest, result: SampleResult) -> None:
+    """Every extra the request asked for equals plain PEFT's full forward over prompt + completion."""
+    prompt = request.prompt
+    prompt_lsm = peft_logits(settings, prompt, request.adapter_dir)[:-1].log_softmax(-1)  # (L-1, V)
+    for seq in result.sequences:
+        if not request.topk_sample_logprobs:
+            assert seq.topk_logprobs is None
+            continue
+        full = prompt + seq.tokens
+        lsm = peft_logits(settings, full, request.adapter_dir)[len(prompt) - 1 : len(full) - 1].log_softmax(-1)
+        np.testing.assert_allclose(seq.logprobs, lsm.gather(-1, torch.tensor(seq.tokens)[:, None])[:, 0], atol=1e-4)
+        values, ids = lsm.topk(request.topk_sample_logprobs, dim=-1)  # (T, k)
+        assert len(seq.topk_logprobs) == len(seq.tokens)
+        assert [[t for t, _ in row] for row in seq.topk_logprobs] == ids.tolist()
+        got = np.reshape([[v for _, v in row] for row in seq.topk_logprobs], tuple(values.shape))
+        np.testing.assert_allclose(got, values, atol=1e-4)
+    if request.target_prompt_cells is None:
+        assert result.target_prompt_logprobs is None
+    else:
+        cells = torch.as_tensor(request.target_prompt_cells)
+        expected = prompt_lsm[cells[:, 0], cells[:, 1].clamp(min=0)].masked_fill(cells[:, 1] < 0, 0.0)
+        np.testing.assert_allclose(result.target_prompt_logprobs, expected, atol=1e-4)
+        assert (result.target_prompt_logprobs[cells[:, 1].numpy() < 0] == 0).all()
+    if not request.prompt_alt_tokens_k:
+        assert result.prompt_alt_tokens is None and result.prompt_alt_logprobs is None
+    else:
+        draws = torch.as_tensor(result.prompt_alt_tokens)
+        assert tuple(draws.shape) == (len(prompt) - 1, request.prompt_alt_tokens_k)
+        np.testing.assert_allclose(result.prompt_alt_logprobs, prompt_lsm.gather(-1, draws), atol=1e-4)
+        if request.params.temperature == 0:
+            assert (draws == prompt_lsm.argmax(-1, keepdim=True)).all()
+
+
+def test_sampling_extras_in_a_mixed_batch_equal_plain_peft_and_their_solo_run(sampler, settings, adapters):
+    seeded = SamplingSpec(max_tokens=5, temperature=0.9, top_k=50, seed=11, stop=[])
+    target = [[436, 2036], [5, -1], [-1, -1], [3158, 9000], [7, 8], [1, 2], [3, 4], [260, 4649], [-1, 47]]
+    requests = [
+        SampleRequest(TINY_MODEL_NAME, adapters[0], PROMPTS[0], seeded, 3, False, 0, 4, dense_cells(target), 3),
+        SampleRequest(
+            TINY_MODEL_NAME, adapters[1], PROMPTS[1], GREEDY, 1, True, 3, 2, dense_cells([[88, -1], [4123, 1]]), 2
+        ),
+        SampleRequest(TINY_MODEL_NAME, None, PROMPTS[2], dataclasses.replace(seeded, seed=2), 2),  # no extras
+        SampleRequest(
+            TINY_MODEL_NAME, adapters[2], PROMPTS[0], dataclasses.replace(GREEDY, max_tokens=0), 1, False, 0, 3
+        ),
+        SampleRequest(TINY_MODEL_NAME, None, PROMPTS[2], dataclasses.replace(seeded, seed=3), 2, False, 0, 5, None, 6),
+        SampleRequest(TINY_MODEL_NAME, adapters[0], PROMPTS[1], GREEDY, 2),  # no extras, another adapter's rows
+    ]
+    batched = sampler.sample_batch(requests)
+    assert sampler.last_batch == {"requests": 6, "rows": 11, "loops": 1}
+    for request, result in zip(requests, batched):
+        assert_same(result, solo(sampler, request))
+        check_against_peft(settings, request, result)
+    assert batched[3].sequences[0].topk_logprobs == []  # max_tokens 0: no sampled positions
+    # Asking for extras changes no sampled token: the same seeded request without them draws the same.
+    plain = solo(sampler, dataclasses.replace(requests[0], topk_sample_logprobs=0, target_prompt_cells=None))
+    assert [s.tokens for s in plain.sequences] == [s.tokens for s in batched[0].sequences]
+    plain = solo(sampler, dataclasses.replace(requests[0], prompt_alt_tokens_k=0))
+    assert [s.tokens for s in plain.sequences] == [s.tokens for s in batched[0].sequences]
+
+
+def test_prompt_alt_tokens_are_drawn_from_the_distribution_at_the_requests_temperature(sampler, settings, adapters):
+    k, temperature = 4096, 0.7
+    request = SampleRequest(
+        TINY_MODEL_NAME,
+        adapters[3],
+        PROMPTS[0],
+        SamplingSpec(max_tokens=1, temperature=temperature, seed=5, stop=[]),
+        prompt_alt_tokens_k=k,
+    )
+    result = solo(sampler, request)
+    probs = (peft_logits(settings, PROMPTS[0], adapters[3])[:-1] / temperature).softmax(-1)  # (L-1, V)
+    draws = torch.as_tensor(result.prompt_alt_tokens)  # (L-1, k)
+    for i in range(len(PROMPTS[0]) - 1):
+        for token in probs[i].topk(3).indices.tolist():
+            frequency = float((draws[i] == token).float().mean())  # binomial std <= 0.008 for 4096 draws
+            assert abs(frequency - float(probs[i, token])) < 0.04, (i, token, frequency, float(probs[i, token]))
+    assert solo(sampler, request).prompt_alt_tokens.tolist() == draws.tolist()  # the seed fixes the draws
+    other = solo(sampler, dataclasses.replace(request, params=dataclasses.replace(request.params, seed=6)))
+    assert other.prompt_alt_tokens.tolist() != draws.tolist()
+
+
+def test_bad_sampling_extras_fail_alone_naming_the_field(sampler, adapters):
+    good = SampleRequest(TINY_MODEL_NAME, adapters[0], PROMPTS[1], GREEDY, 1, False, 0, 2, dense_cells([[5], [6]]), 1)
+    bad = [
+        dataclasses.replace(good, target_prompt_cells=dense_cells([[5], [6], [7]])),  # 3 rows for a 3-token prompt
+        dataclasses.replace(good, target_prompt_cells=dense_cells([[VOCAB], [6]])),
+        dataclasses.replace(good, target_prompt_cells=dense_cells([[-1], [-1]])),
+        dataclasses.replace(good, topk_sample_logprobs=VOCAB + 1),
+        dataclasses.replace(good, prompt_alt_tokens_k=-1),
+    ]
+    results = sampler.sample_batch([bad[0], good, *bad[1:]])
+    messages = ["len(prompt) - 1 = 2 rows", "outside the vocabulary", "names no token id", "topk_sample_logprobs", "-1"]
+    for result, message in zip([results[0], *results[2:]], messages):
+        assert isinstance(result, UserError) and message in str(result), result
+    assert "target_prompt_logprobs" in str(results[0]) and "prompt_alt_tokens_k" in str(results[-1])
+    assert_same(results[1], solo(sampler, good))
