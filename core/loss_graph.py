@@ -121,6 +121,8 @@ def check_upload(name: Any, inputs: Any, graph: Any, max_nodes: int) -> dict[str
         if node_name in defined:
             raise UserError(f"{where}: a second node with this name")
         op, target = node.get("op"), node.get("target")
+        if not isinstance(op, str):
+            raise UserError(f"{where}.op: must be a torch.fx node kind (placeholder, call_function, ...)")
         if not isinstance(target, str):
             raise UserError(f"{where}.target: must be a string")
         args, kwargs = node.get("args", []), node.get("kwargs", {})
@@ -235,15 +237,21 @@ def _check_output(where: str, args: list[Any], kwargs: dict[str, Any], defined: 
     if not isinstance(items, list) or len(items) != 2:
         raise UserError(f"{where}: the loss must return (loss, metrics)")
     loss, metrics = items
-    if not (isinstance(loss, dict) and set(loss) == {"ref"} and loss["ref"] in defined):
+    if not _is_ref(loss, defined):
         raise UserError(f"{where}: the loss it returns must be a tensor computed by the graph")
     if not (isinstance(metrics, dict) and set(metrics) == {"dict"} and isinstance(metrics["dict"], dict)):
         raise UserError(f"{where}: the metrics it returns must be a dict of tensors")
     for key, ref in metrics["dict"].items():
         if not (isinstance(key, str) and METRIC_KEY.fullmatch(key)):
             raise UserError(f"{where}: metric {key!r:.80} must be named custom/<name>:sum or custom/<name>:mean")
-        if not (isinstance(ref, dict) and set(ref) == {"ref"} and ref["ref"] in defined):
+        if not _is_ref(ref, defined):
             raise UserError(f"{where}: metric {key!r} must be a tensor computed by the graph")
+
+
+def _is_ref(value: Any, defined: set[str]) -> bool:
+    return (
+        isinstance(value, dict) and set(value) == {"ref"} and isinstance(value["ref"], str) and value["ref"] in defined
+    )
 
 
 def _check_arg(where: str, value: Any, defined: set[str], depth: int) -> Any:

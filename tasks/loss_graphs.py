@@ -37,7 +37,10 @@ def load_graph_loss(ref: dict[str, Any], settings: Settings, redis: Any) -> str:
         raise UserError(f"loss_fn_config.loss_id: {ref['loss_id']!r} is not stored any more; create the loss again")
     record = json.loads(raw)
     spec = loss_graph.check_upload(record["name"], record["inputs"], record["graph"], settings.loss_graph_max_nodes)
-    loss = GraphLoss(spec)
+    try:
+        loss = GraphLoss(spec)
+    except Exception as exc:  # noqa: BLE001 -- a checked upload torch.fx still refuses is the user's to fix
+        raise UserError(f"custom loss {spec['name']!r}: torch.fx cannot rebuild its graph: {exc}") from None
     register_loss(name, loss, doc=loss.__doc__, replace=True)
     _loaded[name] = None
     while len(_loaded) > CACHE_SIZE:

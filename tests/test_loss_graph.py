@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -23,6 +24,8 @@ from core import loss_graph
 from core.errors import UserError
 from losses.graph import FUNCTIONS, GraphLoss
 from tests.stackutil import TINY_MODEL
+from tests.test_hostile import WRONG as HOSTILE_VALUES
+from tests.test_hostile import _field_paths, _replaced
 
 os.environ["TINKER_TELEMETRY"] = "0"
 # Adam's eps as the team's numeric tests use it: 1e-5 keeps float noise on near-zero gradients from becoming steps.
@@ -376,3 +379,44 @@ def test_a_graph_naming_an_op_outside_the_allow_list_is_refused_at_upload(graph_
     body["graph"] = graph
     other = requests.post(f"{stack.url}/api/v1/create_custom_loss", json=body, headers={"X-API-Key": keys["alice"]})
     assert other.status_code == 404
+
+
+WRONG = [*HOSTILE_VALUES, {"ref": []}, {"tuple": {}}, {"slice": [[], 1, 2]}]
+
+
+def test_an_upload_is_idempotent_and_no_malformed_one_is_a_server_error(graph_stack):
+    stack, keys, clients = graph_stack
+    session_id = clients["alice"].holder.get_session_id()
+
+    def masked_sum(logprobs, mask):
+        return (logprobs * mask).sum().neg(), {"custom/tokens:sum": mask.sum()}
+
+    handle = trace_loss(masked_sum, {"logprobs": 1, "mask": 1}, session_id)
+    body = {
+        "session_id": session_id,
+        "custom_loss_seq_id": 7,
+        "name": handle.name,
+        "inputs": [i.model_dump() for i in handle.inputs],
+        "graph": encode_graph(handle).model_dump(mode="json"),
+        "type": "create_custom_loss",
+    }
+    http = requests.Session()
+    http.headers["X-API-Key"] = keys["alice"]
+
+    def loss_id() -> str:
+        future = http.post(f"{stack.url}/api/v1/create_custom_loss", json=body, timeout=30).json()
+        return http.post(f"{stack.url}/api/v1/retrieve_future", json=future, timeout=30).json()["loss_id"]
+
+    assert loss_id() == loss_id()  # the SDK retries uploads; a re-send stores nothing new
+    server_errors = []
+    for path in list(_field_paths(body))[1:]:
+        for value in WRONG:
+            answer = http.post(
+                f"{stack.url}/api/v1/create_custom_loss",
+                data=json.dumps(_replaced(body, path, value)),
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
+            if answer.status_code >= 500:
+                server_errors.append((path, value, answer.text[:120]))
+    assert not server_errors, sorted({(str(p[-1]), text) for p, _, text in server_errors})[:10]
