@@ -119,6 +119,32 @@ def test_rebuilt_graph_equals_the_sdk_running_its_own_trace(fn):
         assert torch.equal(a.grad, b.grad)
 
 
+def test_a_rank_two_loss_runs_on_top_k_logprobs_like_the_sdk():
+    def top_k_distill(logprobs, teacher_probs):  # logprobs (T, K): the targets' top-K columns
+        loss = -(teacher_probs * logprobs).sum(dim=-1).mean()
+        return loss, {"custom/teacher_mass:mean": teacher_probs.sum() / teacher_probs.shape[0]}
+
+    handle = trace_loss(top_k_distill, {"logprobs": 2, "teacher_probs": 2}, "session")
+    upload = encode_graph(handle).model_dump(mode="json")
+    loss = GraphLoss(loss_graph.check_upload(handle.name, [i.model_dump() for i in handle.inputs], upload, 100))
+    ours = [torch.randn(n, 3).log_softmax(-1).requires_grad_() for n in (5, 8)]
+    theirs = [lp.detach().clone().requires_grad_() for lp in ours]
+    teacher = [torch.rand(n, 3).softmax(-1) for n in (5, 8)]
+    data = [
+        tinker.Datum(
+            model_input=tinker.ModelInput.from_ints([1] * len(t)),
+            loss_fn_inputs={"teacher_probs": tinker.TensorData.from_torch(t)},
+        )
+        for t in teacher
+    ]
+    got, got_metrics = loss(ours, [{"teacher_probs": t} for t in teacher], {})
+    want, want_metrics = run_loss_handle(handle, data, theirs)
+    got.backward()
+    want.backward()
+    assert got.item() == want.item() and got_metrics == want_metrics
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+
+
 def _node(op: str, name: str, target: str, *args, **kwargs) -> dict:
     return {"op": op, "name": name, "target": target, "args": list(args), "kwargs": kwargs}
 
