@@ -24,9 +24,11 @@ from celery.backends.redis import RedisBackend
 from api import limits, validate
 from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
+from api.loss_graphs import resolve_graph
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
 from backends.models import is_known_model
 from core.errors import NotFound, QuotaExceeded, UserError, unpublished_loss
+from core.loss_graph import is_graph_loss_id
 from core.registry import OUTBOX_GRACE_S, Outgoing, Registry, checkpoint_bytes_error
 from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue, worker_queue
@@ -335,8 +337,11 @@ class Service:
             raise UserError("loss_fn: must be a loss name")
         loss_fn_config = validate.plain(validate.mapping(loss_fn_config, "loss_fn_config"), "loss_fn_config")
         forward_only = validate.boolean(forward_only, "forward_only")
-        custom_loss = None
-        if loss_fn == "custom" or not self.is_builtin_loss(loss_fn):
+        custom_loss = loss_graph = None
+        if loss_fn == "custom" and is_graph_loss_id(loss_fn_config.get("loss_id")):
+            self.registry.model(model_id, owner)  # another key's model is NotFound before its loss is looked up
+            loss_graph = resolve_graph(self.registry, owner, loss_fn_config["loss_id"])
+        elif loss_fn == "custom" or not self.is_builtin_loss(loss_fn):
             name = custom_loss_name(loss_fn, loss_fn_config)
             _model, catalog, builtin, custom_meta = self.registry.model_and_loss(model_id, owner, name)
             custom_loss = resolve_custom_loss(self.settings, owner, loss_fn, name, builtin, custom_meta)
@@ -357,6 +362,8 @@ class Service:
             kwargs["custom_loss"] = (
                 custom_loss  # the version current now, so re-registering changes later requests only
             )
+        if loss_graph is not None:
+            kwargs["loss_graph"] = loss_graph  # the graph is read by the worker from the owner's key
         kind = "forward" if forward_only else "forward_backward"
         return self.submit_ordered(
             owner,

@@ -33,7 +33,7 @@ CLIENT_CONFIG = {
     "fwdbwd_max_chunk_bytes_count": 5_000_000,
     "use_pyqwest_transport": True,
     "sample_use_retrieve_futures": False,  # no /retrieve_futures session poller: one long-poll per future
-    "custom_loss_server_side": False,  # forward_backward_custom runs its loss on the client (2 passes here)
+    "custom_loss_server_side": True,  # create_custom_loss uploads a graph (api.loss_graphs): one pass, no client torch
     "sample_join_sampling_session": False,
     "sample_no_retries": False,
     "sample_max_concurrent_requests": 2000,

@@ -518,6 +518,11 @@ class Registry:
     def future(self, request_id: str, owner: str) -> dict[str, Any]:
         return self._owned("future", request_id, owner, "request_id")
 
+    def record_future(self, request_id: str, owner: str, kind: str) -> None:
+        """The future of an answer api/ makes itself (create_custom_loss), whose result the caller stores."""
+        self._put(f"future:{request_id}", {"owner": owner, "kind": kind, "model_id": None, "created": time.time()})
+        self.redis.expire(P + f"future:{request_id}", FUTURE_TTL_S)
+
     # ---- per-model ordering (DESIGN rule 3) -----------------------------------------------
     def submit(
         self,

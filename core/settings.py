@@ -122,6 +122,20 @@ class Settings:
         default=30.0,
         metadata={"env": "TINKERBELL_CUSTOM_LOSS_TIMEOUT_S", "help": "Time limit for one custom loss call."},
     )
+    loss_graph_max_nodes: int = field(
+        default=1000,
+        metadata={
+            "env": "TINKERBELL_LOSS_GRAPH_MAX_NODES",
+            "help": "Most nodes in a custom loss uploaded as a graph (SDK create_custom_loss).",
+        },
+    )
+    loss_graphs_per_key: int = field(
+        default=1000,
+        metadata={
+            "env": "TINKERBELL_LOSS_GRAPHS_PER_KEY",
+            "help": "Most custom-loss graphs one API key may store (an identical upload reuses its graph).",
+        },
+    )
     training_backend: str = field(
         default="hf", metadata={"env": "TINKERBELL_TRAINING_BACKEND", "help": "hf or megatron."}
     )

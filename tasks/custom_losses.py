@@ -49,19 +49,19 @@ class LossTimeout(BaseException):
 def resolve_loss_fn(loss_fn: str, custom_loss: dict[str, Any] | None, settings: Settings, redis: Any) -> str:
     """The loss registry name to run: the built-in `loss_fn`, or the custom loss api/ resolved at publish time.
 
-    Only api/ decides which custom loss a request may use (it checked the owner); a custom name reaching a
-    worker any other way is refused, so one key can never run another key's code.
+    Only api/ decides which custom loss a request may use (it checked the owner); an uploaded loss's name (code or
+    graph, tasks/loss_graphs.py) reaching a worker any other way is refused, so one key can never run another's.
     """
     if custom_loss is None:
-        if loss_fn == "custom" or _is_custom(loss_fn):
+        if loss_fn == "custom" or _is_uploaded(loss_fn):
             raise UserError(f"loss_fn: unknown loss {loss_fn!r}; see GET /list_loss_functions")
         return loss_fn
     return load_custom_loss(custom_loss, settings, redis)
 
 
-def _is_custom(name: str) -> bool:
+def _is_uploaded(name: str) -> bool:
     try:
-        return get_loss_entry(name).custom
+        return not get_loss_entry(name).builtin
     except UserError:
         return False
 

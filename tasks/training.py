@@ -272,15 +272,21 @@ def forward_backward(
     loss_fn_config: dict[str, Any] | None = None,
     forward_only: bool = False,
     custom_loss: dict[str, Any] | None = None,
+    loss_graph: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """custom_loss: {name, version, hash, owner} of the owner's uploaded loss, resolved by api/ at publish time.
+    loss_graph: {owner, loss_id} of the owner's graph loss (SDK create_custom_loss), resolved the same way.
 
     The message is decoded here, on the pool thread; the engine runs it in one pass with other adapters' requests.
     """
-    from tasks import custom_losses
+    from tasks import custom_losses, loss_graphs
 
     datums = [Datum(*decode_datum(d)) for d in data]
-    loss_name = custom_losses.resolve_loss_fn(loss_fn, custom_loss, runtime.settings, runtime.registry.redis)
+    if loss_graph is not None:
+        loss_name = loss_graphs.load_graph_loss(loss_graph, runtime.settings, runtime.registry.redis)
+        loss_fn_config = {}  # only the loss_id, which named the graph
+    else:
+        loss_name = custom_losses.resolve_loss_fn(loss_fn, custom_loss, runtime.settings, runtime.registry.redis)
     request = FwdBwdRequest(model_id, datums, loss_name, dict(loss_fn_config or {}), forward_only)
     tokens = sum(len(d.tokens) for d in datums)
 
