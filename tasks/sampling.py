@@ -26,6 +26,7 @@ def sample(
     prompt_logprobs: bool = False,
     topk_prompt_logprobs: int = 0,
 ) -> dict[str, Any]:
+    runtime.check_served(base_model)
     tokens = [int(t) for t in decode_array(prompt)]
     request = SampleRequest(
         base_model,
