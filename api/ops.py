@@ -302,6 +302,9 @@ def status_document(app: Flask) -> dict[str, Any]:
                 "waiting": queues.get(f"worker.{worker['name']}", 0)
                 + sum(queues.get(f"adapter.{m}", 0) for m in owned),
                 "base_models": worker.get("base_models", []),
+                "loaded_models": worker.get("loaded_models", []),  # and their weights' bytes, against the limit
+                "model_bytes": worker.get("model_bytes", {}),
+                "model_memory_limit_bytes": worker.get("model_memory_limit_bytes", 0),
                 "memory_bytes": worker.get("memory_bytes") or 0,
                 "heartbeat_age_s": round(max(0.0, time.time() - float(worker.get("heartbeat") or time.time())), 1),
                 "running": _running(worker.get("current_task")),

@@ -26,7 +26,6 @@ from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
 from api.loss_graphs import resolve_graph
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
-from backends.models import is_known_model
 from core.errors import NotFound, QuotaExceeded, UserError, unpublished_loss
 from core.loss_graph import is_graph_loss_id
 from core.registry import OUTBOX_GRACE_S, Outgoing, Registry, checkpoint_bytes_error
@@ -235,19 +234,19 @@ class Service:
         return outcome
 
     # ---- sessions and models --------------------------------------------------------------
-    def check_base_model(self, base_model: str | None) -> str:
-        base_model = base_model or self.settings.base_model
-        if not isinstance(base_model, str) or not is_known_model(base_model, self.settings):
+    def check_base_model(self, base_model: str | None, field: str = "base_model") -> str:
+        """The base model a request names (none: the default), if this deployment serves it (TINKERBELL_BASE_MODELS)."""
+        base_model = base_model or self.settings.default_base_model
+        if not isinstance(base_model, str) or base_model not in self.supported_models():
             raise UserError(
-                f"base_model: unknown base model {base_model!r}; supported: {', '.join(self.supported_models())}"
+                f"{field}: base model {base_model!r:.200} is not served here; served: "
+                f"{', '.join(self.supported_models())} (TINKERBELL_BASE_MODELS)"
             )
         return base_model
 
     def supported_models(self) -> list[str]:
-        names = set(self.settings.worker_base_models) | {self.settings.base_model}
-        for worker in self.registry.live_workers():
-            names.update(worker.get("base_models", []))
-        return sorted(names)
+        """Exactly what TINKERBELL_BASE_MODELS lists (else TINKERBELL_BASE_MODEL alone): what a deployment serves."""
+        return sorted(self.settings.worker_base_models)
 
     def create_model(
         self,
@@ -543,5 +542,5 @@ class Service:
         """(base_model, adapter_dir) for a sampling client that names a base model or saved weights."""
         if model_path:
             checkpoint = self.resolve_checkpoint(owner, model_path)
-            return checkpoint["base_model"], checkpoint["dir"]
+            return self.check_base_model(checkpoint["base_model"], "model_path"), checkpoint["dir"]
         return self.check_base_model(base_model), None

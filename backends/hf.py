@@ -1,17 +1,20 @@
 """HF transformers backends: the per-process base-model cache that training and sampling share.
 
 One `LoadedBase` per (base model, device, dtype) holds the model, its MultiLoraLinear layers and many named adapters.
+Models load on first use; under TINKERBELL_MODEL_MEMORY_GB, loading one first unloads idle ones (`get_base`).
 `HFTrainingBackend` (backends/hf_train.py) and `HFSamplingBackend` (backends/hf_sample.py) are re-exported here.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,7 @@ __all__ = [
     "LoadedBase",
     "get_base",
     "loaded_bases",
+    "loaded_models",
     "memory_bytes",
     "torch_device",
 ]
@@ -120,6 +124,13 @@ class LoadedBase:
     def __init__(self, name: str, path: str, model: torch.nn.Module, device: torch.device) -> None:
         self.name, self.path, self.model, self.device = name, path, model, device
         self.dtype = next(model.parameters()).dtype
+        # What TINKERBELL_MODEL_MEMORY_GB counts: the base weights, parameters + buffers (adapters are not in them).
+        self.weight_bytes = int(model.get_memory_footprint())
+        # While a training adapter is on it, or a generation loop runs on it, the model is never unloaded.
+        self.trained: set[str] = set()  # names of training adapters (HFTrainingBackend)
+        self.sampling = 0  # generation loops in progress (HFSamplingBackend)
+        self.last_used = time.monotonic()
+        self.unloaded = False
         self.lock = threading.RLock()
         self.routing = Routing()
         self.layers = inject(model, self.routing)  # module path -> MultiLoraLinear
@@ -142,6 +153,29 @@ class LoadedBase:
         # transformers 5.2x renamed past_key_values -> cache; support both spellings.
         self.cache_kw = "cache" if "cache" in accepted else "past_key_values"
         self.has_logits_to_keep = "logits_to_keep" in accepted
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def busy(self, now: float, idle_s: float) -> str | None:
+        """Why the model must stay loaded, or None when it is idle: no adapter on it is being trained and nothing
+        sampled from it in the last idle_s seconds."""
+        if self.trained:
+            return f"{len(self.trained)} adapter(s) being trained on it"
+        if self.sampling:
+            return "sampling from it now"
+        if now - self.last_used < idle_s:
+            return f"used {now - self.last_used:.0f} s ago"
+        return None
+
+    def release(self) -> None:
+        """Drop the model's tensors and every adapter on it; a holder of this object sees `unloaded`."""
+        with self.lock:
+            self.unloaded = True
+            self._params.clear()
+            self.layers = {}
+            self._tokenizer = None
+            self.model = None  # type: ignore[assignment]  # the last reference: its tensors are freed
 
     def autocast(self) -> torch.autocast:
         """bf16 base: matmuls (LoRA ones included) in bf16 under autocast; LoRA weights and their grads stay fp32."""
@@ -252,12 +286,17 @@ def settings_dtype(settings: Settings, dtype: torch.dtype | None = None) -> torc
 
 
 def get_base(name: str, settings: Settings, device: torch.device, dtype: torch.dtype | None = None) -> LoadedBase:
-    """The process-wide LoadedBase for (name, device, dtype), loading it on first use (dtype: see settings_dtype)."""
+    """The process-wide LoadedBase for (name, device, dtype), loading it on first use (dtype: see settings_dtype).
+
+    With settings.model_memory_bytes, a model that would not fit beside those loaded on `device` first unloads idle
+    ones, least recently used first (LoadedBase.busy); UserError naming the setting when that cannot make room.
+    """
     dtype = settings_dtype(settings, dtype)
     key = (name, str(device), str(dtype))
     with _BASES_LOCK:
         base = _BASES.get(key)
         if base is not None:
+            base.touch()
             return base
         from transformers import AutoModelForCausalLM
 
@@ -270,17 +309,73 @@ def get_base(name: str, settings: Settings, device: torch.device, dtype: torch.d
                 "HF cache)"
             )
         _quiet()
+        if settings.model_memory_bytes:
+            _make_room(name, _weight_bytes(path, dtype), device, settings)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         model.to(device).eval().requires_grad_(False)
         base = LoadedBase(name, str(path), model, device)
         _BASES[key] = base
-        log.info("loaded base model %s from %s on %s (%s)", name, path, device, dtype)
+        log.info("loaded base model %s from %s on %s (%s, %d bytes)", name, path, device, dtype, base.weight_bytes)
         return base
+
+
+def _weight_bytes(path: os.PathLike[str], dtype: torch.dtype) -> int:
+    """Parameter + buffer bytes the model at path will take in dtype, from its config on the meta device (no
+    weights read; equals the loaded model's get_memory_footprint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        return int(AutoModelForCausalLM.from_config(config, dtype=dtype).get_memory_footprint())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _make_room(name: str, need: int, device: torch.device, settings: Settings) -> None:
+    """Unload idle models on `device`, least recently used first, until `need` more bytes fit in the limit (caller
+    holds _BASES_LOCK). Raises UserError, unloading nothing, when even every idle one would not make enough room."""
+    limit, idle_s = settings.model_memory_bytes, settings.model_idle_s
+    setting = f"TINKERBELL_MODEL_MEMORY_GB={settings.model_memory_gb:g} ({_mib(limit)})"
+    if need > limit:
+        raise UserError(f"base_model: {name!r} needs {_mib(need)} of weights, more than {setting} holds")
+    here = [(key, b) for key, b in _BASES.items() if key[1] == str(device)]
+    used = sum(b.weight_bytes for _, b in here)
+    now = time.monotonic()
+    idle = sorted(((key, b) for key, b in here if b.busy(now, idle_s) is None), key=lambda item: item[1].last_used)
+    if used - sum(b.weight_bytes for _, b in idle) + need > limit:
+        busy = ", ".join(
+            f"{b.name} ({_mib(b.weight_bytes)}, {b.busy(now, idle_s)})" for _, b in here if b.busy(now, idle_s)
+        )
+        raise UserError(
+            f"base_model: {name!r} needs {_mib(need)} of weights; {_mib(limit - used)} of {setting} is free and the "
+            f"models loaded are in use: {busy}. A model is idle once no adapter on it is trained and nothing was "
+            f"sampled from it for TINKERBELL_MODEL_IDLE_S={idle_s:g} s; retry then, or raise the limit"
+        )
+    unloaded = []
+    for key, base in idle:
+        if used + need <= limit:
+            break
+        del _BASES[key]
+        used -= base.weight_bytes
+        base.release()
+        unloaded.append(base.name)
+    if unloaded:
+        gc.collect()  # module trees may hold reference cycles: free their tensors now, not at the next collection
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("unloaded idle base model(s) %s from %s to make room for %s", ", ".join(unloaded), device, name)
 
 
 def loaded_bases(device: torch.device | None = None) -> list[LoadedBase]:
     with _BASES_LOCK:
         return [b for (_, dev, _), b in _BASES.items() if device is None or dev == str(device)]
+
+
+def loaded_models(device: torch.device) -> dict[str, int]:
+    """{base model: weight bytes} of what is loaded on `device` now, for a backend's status()."""
+    return {b.name: b.weight_bytes for b in loaded_bases(device)}
 
 
 def lora_config(rank: int, alpha: float, targets: list[str], inference: bool = False) -> LoraConfig:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from backends.base import SampleRequest, SampleResult, SamplingSpec
-from backends.hf import LoadedBase, get_base, memory_bytes, settings_dtype, torch_device
+from backends.hf import LoadedBase, get_base, loaded_models, memory_bytes, settings_dtype, torch_device
 from backends.hf_generate import GenJob, drain, generate_steps
 from backends.sample_checks import plain_tokens, validate, validate_extras
 from core.errors import UserError
@@ -53,9 +53,10 @@ class HFSamplingBackend:
             )
         stat = weights.stat()
         key = (base.name, str(directory.resolve()), stat.st_mtime_ns, stat.st_size)
-        if key in self._adapters:
+        if key in self._adapters and self._adapters[key][0] is base:
             self._adapters.move_to_end(key)
             return self._adapters[key][1]
+        self._adapters.pop(key, None)  # loaded on a copy of the base model since unloaded (get_base)
         try:
             config = LoraConfig.from_pretrained(str(directory))
             state = load_file(str(weights))
@@ -95,6 +96,8 @@ class HFSamplingBackend:
     def _evict(self) -> None:
         """Drop least recently used sampler adapters beyond max_adapters; only after a call's loops, which may use
         more than max_adapters between them."""
+        for key in [key for key, (old_base, _) in self._adapters.items() if old_base.unloaded]:
+            del self._adapters[key]
         while len(self._adapters) > self.max_adapters:
             _, (old_base, old_name) = self._adapters.popitem(last=False)
             old_base.remove_adapter(old_name)
@@ -146,16 +149,21 @@ class HFSamplingBackend:
                 except UserError as exc:
                     results[i] = exc
             jobs.sort(key=lambda item: item[1].adapter or "")  # an adapter's rows side by side: one LoRA run each
-            for chunk in _pack(jobs, cap):
-                loops += 1
-                rows += sum(job.num_samples for _, job in chunk)
-                try:
-                    outs: list[SampleResult | Exception] = yield from generate_steps(base, [j for _, j in chunk])
-                except Exception as exc:  # not the user's: the whole loop failed, other loops still run
-                    log.exception("generation loop failed for %d request(s) on %s", len(chunk), base_model)
-                    outs = [exc] * len(chunk)
-                for (i, _), out in zip(chunk, outs):
-                    results[i] = out
+            base.sampling += 1  # never unloaded mid-loop (another group's or a training call's get_base)
+            try:
+                for chunk in _pack(jobs, cap):
+                    loops += 1
+                    rows += sum(job.num_samples for _, job in chunk)
+                    try:
+                        outs: list[SampleResult | Exception] = yield from generate_steps(base, [j for _, j in chunk])
+                    except Exception as exc:  # not the user's: the whole loop failed, other loops still run
+                        log.exception("generation loop failed for %d request(s) on %s", len(chunk), base_model)
+                        outs = [exc] * len(chunk)
+                    for (i, _), out in zip(chunk, outs):
+                        results[i] = out
+            finally:
+                base.sampling -= 1
+                base.touch()  # sampled from just now: idle only TINKERBELL_MODEL_IDLE_S from here
             self._evict()
         self.last_batch = {"requests": len(requests), "rows": rows, "loops": loops}
         return results  # type: ignore[return-value]  # every slot is filled above
@@ -185,6 +193,8 @@ class HFSamplingBackend:
         return {
             "device": str(self.device),
             "cached_adapters": len(self._adapters),
+            "base_models": sorted(loaded_models(self.device)),
+            "model_bytes": loaded_models(self.device),
             "memory_bytes": memory_bytes(self.device),
         }
 

@@ -21,6 +21,7 @@ from backends.hf import (
     LoadedBase,
     get_base,
     loaded_bases,
+    loaded_models,
     lora_config,
     lora_targets,
     memory_bytes,
@@ -92,6 +93,7 @@ class HFTrainingBackend:
         with base.lock:
             name = base.unique_name("train")
             params = base.add_adapter(name, lora.rank, float(lora.alpha), targets, lora.seed)
+            base.trained.add(name)  # the base model stays loaded while this adapter is on it
         config = lora_config(lora.rank, float(lora.alpha), targets)  # only to write adapter_config.json
         adapter = _Adapter(model_id, base, name, lora, config, params, _new_optimizer(list(params.values())))
         self._adapters[model_id] = adapter
@@ -118,6 +120,8 @@ class HFTrainingBackend:
         adapter.optimizer.state.clear()
         adapter.params.clear()
         adapter.base.remove_adapter(adapter.name)
+        adapter.base.trained.discard(adapter.name)
+        adapter.base.touch()  # idle from now on, once nothing else uses it (TINKERBELL_MODEL_IDLE_S)
 
     def trainable_parameters(self, model_id: str) -> list[torch.nn.Parameter]:
         """The adapter's LoRA parameters (float32), in optimizer order."""
@@ -318,6 +322,7 @@ class HFTrainingBackend:
         return {
             "device": str(self.device),
             "base_models": sorted({b.name for b in loaded_bases(self.device)}),
+            "model_bytes": loaded_models(self.device),
             "adapters": sorted(self._adapters),
             "memory_bytes": memory_bytes(self.device),
         }

@@ -1,6 +1,6 @@
 """Base-model resolution (models dir -> packaged GGUF, converted once -> local HF cache) and tokenizer export.
 
-Importing this module never imports torch or transformers: api/ uses `is_known_model` / `resolve_model_dir`.
+Importing this module never imports torch or transformers: api/ finds tokenizers here, a worker `is_known_model`.
 CLI: `python -m backends.models {convert,install-tokenizer,tokenizer-dir,resolve} [--model NAME]`.
 """
 

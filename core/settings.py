@@ -77,13 +77,37 @@ class Settings:
         },
     )
     base_model: str = field(
-        default=DEFAULT_BASE_MODEL, metadata={"env": "TINKERBELL_BASE_MODEL", "help": "Default base model."}
+        default=DEFAULT_BASE_MODEL,
+        metadata={
+            "env": "TINKERBELL_BASE_MODEL",
+            "help": "Default base model, for a request that names none (the first of TINKERBELL_BASE_MODELS when "
+            "it is not one of them).",
+        },
     )
     base_models: str = field(
         default="",
         metadata={
             "env": "TINKERBELL_BASE_MODELS",
-            "help": "Comma-separated base models a worker loads at start; empty means the default one.",
+            "help": "Comma-separated base models this deployment serves: get_server_capabilities lists exactly "
+            "these, a request naming another is refused (4xx, with the list); workers load each on first use and "
+            "share it across adapters. Empty means TINKERBELL_BASE_MODEL alone.",
+        },
+    )
+    model_memory_gb: float = field(
+        default=0.0,
+        metadata={
+            "env": "TINKERBELL_MODEL_MEMORY_GB",
+            "help": "Per worker (one device): most GiB of base-model weights (parameters + buffers) it keeps loaded; "
+            "loading one that would pass it first unloads idle ones, least recently used first, and fails as a user "
+            "error naming this setting if that is not enough. 0 means no limit.",
+        },
+    )
+    model_idle_s: float = field(
+        default=60.0,
+        metadata={
+            "env": "TINKERBELL_MODEL_IDLE_S",
+            "help": "A loaded base model is idle, and may be unloaded to make room for another, when no adapter on "
+            "it is being trained and nothing sampled from it for this long.",
         },
     )
     host: str = field(default="127.0.0.1", metadata={"env": "TINKERBELL_HOST", "help": "API bind address."})
@@ -487,8 +511,20 @@ class Settings:
 
     @property
     def worker_base_models(self) -> list[str]:
-        names = [m.strip() for m in self.base_models.split(",") if m.strip()]
+        """The base models this deployment serves (TINKERBELL_BASE_MODELS, else TINKERBELL_BASE_MODEL alone)."""
+        names = list(dict.fromkeys(m.strip() for m in self.base_models.split(",") if m.strip()))
         return names or [self.base_model]
+
+    @property
+    def default_base_model(self) -> str:
+        """What a request that names no base model gets: TINKERBELL_BASE_MODEL if served, else the first served."""
+        served = self.worker_base_models
+        return self.base_model if self.base_model in served else served[0]
+
+    @property
+    def model_memory_bytes(self) -> int:
+        """TINKERBELL_MODEL_MEMORY_GB in bytes; 0: no limit."""
+        return max(0, int(self.model_memory_gb * 2**30))
 
     @property
     def roles(self) -> set[str]:

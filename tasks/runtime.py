@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_postrun, task_revoked
 
+from core.errors import UserError
 from core.registry import Registry
 from core.settings import Settings
 from tasks.celery_app import adapter_queue, sample_queue
@@ -153,7 +154,23 @@ class Runtime:
             backend_status = self._training.status()
             info["memory_bytes"] = backend_status.get("memory_bytes", 0)
             info["loaded_models"] = backend_status.get("base_models", [])
+        else:
+            backend_status = self._sampling.status() if self._sampling is not None else {}
+        if "model_bytes" in backend_status:  # the HF backends: one model cache for training and sampling
+            info["loaded_models"] = sorted(backend_status["model_bytes"])
+            info["model_bytes"] = backend_status["model_bytes"]
+            info["model_memory_limit_bytes"] = self.settings.model_memory_bytes
         return info
+
+    def check_served(self, base_model: str) -> None:
+        """A request for a base model this deployment does not serve (the API refuses it first, unless its settings
+        differ from this worker's) fails as the user's error, naming the list."""
+        served = self.settings.worker_base_models
+        if base_model not in served:
+            raise UserError(
+                f"base_model: {base_model!r} is not served by worker {self.name}; served: {', '.join(served)} "
+                "(TINKERBELL_BASE_MODELS)"
+            )
 
 
 runtime = Runtime()  # configured by tasks.worker.main()

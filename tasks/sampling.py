@@ -31,6 +31,7 @@ def sample(
 ) -> dict[str, Any]:
     """target_prompt_logprobs: as api.datums.target_prompt_cells makes it ("cells": (m, 2) [row, token id], and the
     answer's layout); the answer is that layout with "values" (m,) in place of "cells"."""
+    runtime.check_served(base_model)
     tokens = [int(t) for t in decode_array(prompt)]
     request = SampleRequest(
         base_model,

@@ -212,6 +212,7 @@ def create_adapter(
     model_id: str, base_model: str, lora: dict[str, Any], load_path: str | None = None, with_optimizer: bool = False
 ) -> dict[str, Any]:
     """Create (or, with load_path, restore from a checkpoint dir) an adapter here and start consuming its queue."""
+    runtime.check_served(base_model)
 
     def create() -> None:
         if not runtime.training.has_adapter(model_id):

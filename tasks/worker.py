@@ -85,6 +85,13 @@ def _on_ready(sender: Any, **_: Any) -> None:
     stop = threading.Event()
     threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True).start()
     settings = runtime.settings
+    from backends.models import is_known_model
+
+    for base_model in settings.worker_base_models:  # served, loaded on first use: say now if one cannot be found
+        if not is_known_model(base_model, settings):
+            log.error(
+                "TINKERBELL_BASE_MODELS lists %s, which this worker cannot find; requests for it fail", base_model
+            )
     vllm_sampler = "sample" in settings.roles and settings.sampling_backend_name == "vllm"
     for base_model in settings.worker_base_models:
         # A vLLM sampler starts its engines now, not on the first request; it needs no HF copy unless it trains.
