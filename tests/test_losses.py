@@ -261,7 +261,9 @@ def test_non_finite_loss_is_a_user_error():
 def test_unknown_loss_lists_the_available_ones():
     with pytest.raises(UserError, match=r"^loss_fn: unknown loss 'x'; available: .*cross_entropy.*ppo"):
         compute_loss("x", [leaf(-1.0)], [{"target_tokens": tokens(1)}], {})
-    with pytest.raises(UserError, match=r"loss_fn: unknown loss 'stable_reinforce'"):
+    with pytest.raises(
+        UserError, match=r"loss_fn: 'stable_reinforce' is not supported: its formula is not public.*cross_entropy"
+    ):
         get_loss("stable_reinforce")
 
 
