@@ -231,8 +231,9 @@ class Stack:
         proc = self.procs.pop(f"worker-{name}")
         _kill(proc, sig)
 
-    def start_api(self) -> None:
-        self.port = free_port()
+    def start_api(self, port: int | None = None) -> None:
+        """The API on `port` (default: a free one); give the old port to restart it where its clients look."""
+        self.port = port or free_port()
         env = {
             **self.env,
             "TINKERBELL_PORT": str(self.port),
@@ -256,6 +257,10 @@ class Stack:
         wait_for(lambda: _http_ok(self.url + "/healthz") or self.procs["api"].poll() is not None, 60, "api")
         if self.procs["api"].poll() is not None:
             raise RuntimeError("api exited: " + (self.data_dir / "api.log").read_text()[-3000:])
+
+    def stop_api(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the API's process group (the gunicorn master and its workers) and wait for it to exit."""
+        _kill(self.procs.pop("api"), sig)
 
     def stop(self) -> None:
         for proc in self.procs.values():
