@@ -231,8 +231,9 @@ class Stack:
         proc = self.procs.pop(f"worker-{name}")
         _kill(proc, sig)
 
-    def start_api(self, port: int | None = None) -> None:
-        """The API on `port` (default: a free one); give the old port to restart it where its clients look."""
+    def start_api(self, port: int | None = None, workers: int = 1) -> None:
+        """The API on `port` (default: a free one; give the old port to restart it where its clients look), with
+        `workers` gunicorn worker processes (production runs api/gunicorn_conf.py's 2)."""
         self.port = port or free_port()
         env = {
             **self.env,
@@ -248,7 +249,7 @@ class Stack:
                 "-c",
                 str(ROOT / "api" / "gunicorn_conf.py"),
                 "--workers",
-                "1",
+                str(workers),
                 "api:create_app()",
             ]
             self.procs["api"] = subprocess.Popen(
