@@ -28,7 +28,7 @@ class ApiRequest(Request):
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> Flask:
     """The API for `settings` (default: Settings.from_env()): its registry and its Celery app are made from them."""
-    from api import custom_losses, loss_graphs, native, openai_compat, ops, tinker
+    from api import custom_losses, loss_graphs, native, openai_compat, openapi, ops, tinker
     from api.auth import authenticate
     from api.service import Service
     from tasks.celery_app import make_app, result_backend
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.json.sort_keys = False
     app.before_request(_start_timer)
     app.before_request(authenticate)
-    for module in (native, tinker, ops, custom_losses, loss_graphs, openai_compat):
+    for module in (native, tinker, ops, custom_losses, loss_graphs, openai_compat, openapi):
         app.register_blueprint(module.bp)
 
     @app.errorhandler(UserError)
