@@ -275,6 +275,31 @@ def bodies(settings: Settings) -> dict[str, dict[str, Any]]:
             docstring=_s(type="string"),
             config=_s(type="object"),
         ),
+        "loss_graphs.create_custom_loss": _obj(
+            ("session_id", "name", "inputs", "graph"),
+            session_id=STRING,
+            name=_s(type="string", minLength=1, maxLength=128),
+            inputs=_s(
+                type="array",
+                items=_obj(("name", "rank"), name=STRING, rank=_s(type="integer", minimum=1, maximum=2)),
+            ),
+            graph=_obj(
+                ("nodes",),
+                format=_s(enum=[1]),
+                nodes=_s(
+                    type="array",
+                    minItems=1,
+                    items=_obj(
+                        ("op", "name", "target"),
+                        op=_s(enum=["placeholder", "call_function", "call_method", "get_attr", "output"]),
+                        name=_s(type="string", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"),
+                        target=_s(type="string"),
+                        args=_s(type="array"),
+                        kwargs=_s(type="object"),
+                    ),
+                ),
+            ),
+        ),
         # OpenAI face
         "openai.completions": _obj(
             ("model", "prompt"),
