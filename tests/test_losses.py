@@ -263,8 +263,10 @@ def test_unknown_loss_lists_the_available_ones():
         compute_loss("x", [leaf(-1.0)], [{"target_tokens": tokens(1)}], {})
     with pytest.raises(
         UserError, match=r"loss_fn: 'stable_reinforce' is not supported: its formula is not public.*cross_entropy"
-    ):
+    ) as refused:
         get_loss("stable_reinforce")
+    for name in ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"):
+        assert name in str(refused.value)
 
 
 def test_empty_batch_is_rejected():

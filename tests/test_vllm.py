@@ -88,6 +88,9 @@ class VLLMProcess:
             else:
                 result = SampleResult(**item)
                 result.sequences = [_seq(s) for s in item["sequences"]]
+                for seq in result.sequences:
+                    if seq.topk_logprobs is not None:
+                        seq.topk_logprobs = [[tuple(p) for p in row] for row in seq.topk_logprobs]
                 if result.topk_prompt_logprobs is not None:
                     result.topk_prompt_logprobs = [[tuple(p) for p in row] for row in result.topk_prompt_logprobs]
                 out.append(result)
@@ -301,6 +304,30 @@ def test_bad_requests_fail_alone_with_the_hf_backends_messages(vllm, hf, trained
     [result, ok] = vllm.sample_batch([SampleRequest(SMOL, str(misfit), PROMPTS[0], GREEDY), good])
     assert isinstance(result, UserError) and "does not fit base model" in str(result) and "model_path" in str(result)
     assert not isinstance(ok, Exception)
+
+
+@needs_vllm
+def test_topk_sample_logprobs_equal_the_hf_backend_and_the_hf_only_extras_are_refused(vllm, hf):
+    spec = SamplingSpec(max_tokens=6, temperature=0.0, stop=[])
+    v = vllm.sample(None, PROMPTS[1], spec, topk_sample_logprobs=3)
+    h = _hf(hf, None, PROMPTS[1], spec, topk_sample_logprobs=3)
+    assert v.sequences[0].tokens == h.sequences[0].tokens
+    assert len(v.sequences[0].topk_logprobs) == len(v.sequences[0].tokens)
+    for row_v, row_h in zip(v.sequences[0].topk_logprobs, h.sequences[0].topk_logprobs):
+        assert [t for t, _ in row_v] == [t for t, _ in row_h]
+        np.testing.assert_allclose([lp for _, lp in row_v], [lp for _, lp in row_h], atol=1e-2)
+    good = SampleRequest(SMOL, None, PROMPTS[0], GREEDY)
+    cells = [[i, 5] for i in range(len(PROMPTS[0]) - 1)]
+    refused = [
+        SampleRequest(SMOL, None, PROMPTS[0], GREEDY, target_prompt_cells=cells),
+        SampleRequest(SMOL, None, PROMPTS[0], GREEDY, prompt_alt_tokens_k=2),
+    ]
+    results = vllm.sample_batch([refused[0], good, refused[1]])
+    for result, option in zip([results[0], results[2]], ["target_prompt_logprobs", "prompt_alt_tokens_k"]):
+        assert isinstance(result, UserError), result
+        assert str(result).startswith(f"{option}: not supported by the vLLM sampling backend")
+        assert "TINKERBELL_SAMPLING_BACKEND=hf" in str(result)
+    assert results[1].sequences[0].tokens == _hf(hf, None, PROMPTS[0], GREEDY).sequences[0].tokens
 
 
 def test_adapters_route_to_hf_on_a_cpu_unless_told_otherwise():
