@@ -104,9 +104,7 @@ def test_a_model_outside_the_list_is_a_bad_request_that_lists_the_served_ones(se
     with pytest.raises(tinker.BadRequestError) as training:  # a 400: the SDK does not retry it
         service.create_lora_training_client(name, rank=4).result(timeout=60)
     with pytest.raises(tinker.BadRequestError) as sampling:
-        service.create_sampling_client(base_model=name).sample(PROMPT, 1, types.SamplingParams(max_tokens=1)).result(
-            timeout=60
-        )
+        service.create_sampling_client(base_model=name).result(timeout=60)
     for error in (training, sampling):
         message = str(error.value)
         assert "base_model" in message and name in message and all(m in message for m in SERVED), message
@@ -130,8 +128,8 @@ def teacher_reference(stack, tokens: list[int]) -> np.ndarray:
 def test_an_adapter_trains_on_one_model_while_another_is_sampled_with_the_numbers_of_each_alone(stack, service):
     """The distillation pattern: a SmolLM2 teacher scores while a tiny-llama student trains, requests interleaved;
     the student's losses equal a student trained with no teacher around, the teacher's logprobs plain HF's."""
-    teacher = service.create_sampling_client(base_model=SMOL)
-    other = service.create_sampling_client(base_model=TINY_QWEN3_NAME)
+    teacher = service.create_sampling_client(base_model=SMOL).result(timeout=60)
+    other = service.create_sampling_client(base_model=TINY_QWEN3_NAME).result(timeout=60)
     student = service.create_lora_training_client(TINY_MODEL, rank=4, seed=5).result(timeout=120)
     student_losses, teacher_scores, other_scores = [], [], []
     for _ in range(3):
@@ -192,8 +190,8 @@ def test_a_budget_of_one_model_unloads_the_idle_one_and_reloads_it_with_equal_nu
     third = tc.forward_backward(BATCH, "cross_entropy").result(timeout=60).metrics
     tc.optim_step(ADAM).result(timeout=60)
     after_third = tc.forward(BATCH, "cross_entropy").result(timeout=60).metrics
-    base_a = service.create_sampling_client(base_model=TINY_MODEL)
-    base_b = service.create_sampling_client(base_model=TINY_QWEN3_NAME)
+    base_a = service.create_sampling_client(base_model=TINY_MODEL).result(timeout=60)
+    base_b = service.create_sampling_client(base_model=TINY_QWEN3_NAME).result(timeout=60)
     first = {"trained": trained.compute_logprobs(PROMPT).result(timeout=60)}
     first["a"] = base_a.compute_logprobs(PROMPT).result(timeout=60)
     assert loaded_within_budget(budget_stack) == [TINY_MODEL]
