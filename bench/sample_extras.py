@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     from backends.hf_sample import HFSamplingBackend
 
@@ -60,26 +61,41 @@ def main() -> None:
         results = backend.sample_batch(batch)
         return time.perf_counter() - start, results
 
-    rows = []
-    seconds, _ = run(plain)
-    rows.append(("sample, no extras", seconds))
-    seconds, with_extras = run(extras)
-    rows.append((f"sample + topk_sample_logprobs={args.k} + target + prompt_alt_tokens_k={args.k}, one loop", seconds))
-    first, results = run(plain)
-    again = [
-        SampleRequest(DEFAULT_BASE_MODEL, None, r.prompt + s.tokens, SamplingSpec(max_tokens=1), 1, False, args.k)
-        for r, result in zip(plain, results)
-        for s in result.sequences
-    ]
-    second, rescored = run(again)
-    rows.append((f"sample, then prompt+completion again with topk_prompt_logprobs={args.k}", first + second))
+    def plain_then_rescore() -> tuple[float, list]:
+        first, results = run(plain)
+        again = [
+            SampleRequest(DEFAULT_BASE_MODEL, None, r.prompt + s.tokens, SamplingSpec(max_tokens=1), 1, False, args.k)
+            for r, result in zip(plain, results)
+            for s in result.sequences
+        ]
+        second, rescored = run(again)
+        return first + second, rescored
+
+    paths = {
+        "sample, no extras": lambda: run(plain),
+        f"sample + topk_sample_logprobs={args.k} + target + prompt_alt_tokens_k={args.k}, one loop": lambda: run(
+            extras
+        ),
+        f"sample, then prompt+completion again with topk_prompt_logprobs={args.k}": plain_then_rescore,
+    }
+    names = list(paths)
+    best = dict.fromkeys(names, float("inf"))
+    outputs = {}
+    for round_ in range(args.rounds):  # order rotates per round; the best of the rounds is reported (shared machine)
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
+            seconds, outputs[name] = paths[name]()
+            best[name] = min(best[name], seconds)
+    rows = list(best.items())
+    with_extras, rescored = outputs[names[1]], outputs[names[2]]
     # Same numbers both ways: the top-k of the last sampled position from the second pass equals the one in the loop.
     for result, check in zip(with_extras, rescored):
         got = [t for t, _ in result.sequences[0].topk_logprobs[-1]]
         assert got == [t for t, _ in check.topk_prompt_logprobs[-1]], "the two paths disagree"
     tokens = args.prompts * args.new_tokens
     print(f"machine: {machine()}")
-    print(f"{args.prompts} prompts x {args.new_tokens} new tokens, SmolLM2-135M fp32, HF backend")
+    print(
+        f"{args.prompts} prompts x {args.new_tokens} new tokens, SmolLM2-135M fp32, HF backend, best of {args.rounds}"
+    )
     print(f"| {'path':<86} | seconds | tokens/s |")
     print(f"|{'-' * 88}|---------|----------|")
     for name, seconds in rows:
