@@ -107,11 +107,15 @@ def get_loss_entry(name: str) -> LossEntry:
     """The registered entry for `name`; UserError naming the available losses when there is none."""
     entry = _LOSSES.get(name) if isinstance(name, str) else None
     if entry is None:
-        refusal = unpublished_loss(name, (n for n, e in _LOSSES.items() if e.builtin))
+        # Only built-ins are named: the other entries are custom losses of some key, and their names are its own.
+        builtins = sorted(n for n, e in _LOSSES.items() if e.builtin)
+        refusal = unpublished_loss(name, builtins)
         if refusal is not None:
             raise refusal
         hint = " (loss_fn 'custom' needs loss_fn_config.loss_id)" if name == "custom" else ""
-        raise UserError(f"loss_fn: unknown loss {name!r}{hint}; available: {', '.join(sorted(_LOSSES))}")
+        raise UserError(
+            f"loss_fn: unknown loss {name!r}{hint}; built-in: {', '.join(builtins)}, or a custom loss of your own"
+        )
     return entry
 
 

@@ -259,8 +259,15 @@ def test_non_finite_loss_is_a_user_error():
 
 
 def test_unknown_loss_lists_the_available_ones():
-    with pytest.raises(UserError, match=r"^loss_fn: unknown loss 'x'; available: .*cross_entropy.*ppo"):
+    with pytest.raises(UserError, match=r"^loss_fn: unknown loss 'x'; built-in: .*cross_entropy.*ppo"):
         compute_loss("x", [leaf(-1.0)], [{"target_tokens": tokens(1)}], {})
+    register_loss("someone_elses_secret", lambda *a: None, custom=True)  # another key's loss on this worker
+    try:
+        with pytest.raises(UserError) as refused:
+            get_loss("x")
+        assert "someone_elses_secret" not in str(refused.value)
+    finally:
+        unregister_loss("someone_elses_secret")
     with pytest.raises(
         UserError, match=r"loss_fn: 'stable_reinforce' is not supported: its formula is not public.*cross_entropy"
     ) as refused:
