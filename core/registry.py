@@ -321,13 +321,28 @@ def _check_owned(record: dict[str, Any] | None, kind: str, key: str, owner: str,
     return record
 
 
+def riding_out_restarts(settings: Settings) -> dict[str, Any]:
+    """redis-py client options that carry a command over a Redis restart (up to settings.redis_outage_s): retry on
+    connection errors with a backoff capped at 1 s, and a ping on a connection idle 5 s before reusing it."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    retries = max(1, int(settings.redis_outage_s))
+    return {
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 5,
+        "socket_keepalive": True,
+    }
+
+
 class Registry:
     """Thin typed access to the registry keys; one instance per process is enough (redis-py pools)."""
 
     def __init__(self, settings: Settings | None = None, client: redis.Redis | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.redis = client or redis.Redis.from_url(
-            self.settings.registry_url, decode_responses=True, max_connections=256
+            self.settings.registry_url, decode_responses=True, max_connections=256, **riding_out_restarts(self.settings)
         )
 
     # ---- generic hash records -------------------------------------------------------------

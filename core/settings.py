@@ -45,6 +45,13 @@ class Settings:
             "ssl_ca_certs=/path/ca.pem to each.",
         },
     )
+    redis_outage_s: float = field(
+        default=60.0,
+        metadata={
+            "env": "TINKERBELL_REDIS_OUTAGE_S",
+            "help": "How long API and workers keep retrying Redis (restart, AOF replay) before a call fails.",
+        },
+    )
     data_dir: str = field(
         default=".data",
         metadata={

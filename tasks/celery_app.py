@@ -45,7 +45,24 @@ def config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,  # Flower follows tasks from the workers' received/started/succeeded events
         "task_send_sent_event": True,  # ... and from api/'s task-sent events
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        "broker_connection_max_retries": None,  # a worker waits for Redis to come back, however long
+        # Redis restarted (README, Reliability): dead sockets are noticed within seconds, not at the next command.
+        "broker_transport_options": {"visibility_timeout": 3600, "health_check_interval": 5, "socket_keepalive": True},
+        "result_backend_transport_options": {"health_check_interval": 5, "socket_keepalive": True},
+        # A result whose store meets Redis away is stored once it is back, never dropped: the result is stored
+        # before the ack and before the registry's applied_seq write (task_postrun), so a result the client can
+        # see is never lost, and a message is acked only after its result is stored.
+        "result_backend_always_retry": True,
+        "result_backend_max_sleep_between_retries_ms": 1000,
+        "result_backend_max_retries": max(1, int(settings.redis_outage_s)),
+        "worker_consumer": "tasks.broker:Consumer",
+        # api/'s send_task waits out a Redis restart too (the outbox sweep is the fallback, after 10 s).
+        "task_publish_retry_policy": {
+            "max_retries": max(1, int(settings.redis_outage_s)),
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 1,
+        },
         "worker_hijack_root_logger": False,
     }
 

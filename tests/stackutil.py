@@ -35,29 +35,34 @@ def free_port() -> int:
 
 class RedisServer:
     """password: the server requires it (requirepass, given on stdin), and url() carries it. tls: the server speaks
-    only TLS, with a self-signed certificate made here (openssl), and url() is rediss:// checking it."""
+    only TLS, with a self-signed certificate made here (openssl), and url() is rediss:// checking it.
+    appendfsync: None runs without the append-only file; "always"/"everysec"/"no" with it, as compose does."""
 
-    def __init__(self, password: str | None = None, tls: bool = False) -> None:
+    def __init__(self, password: str | None = None, tls: bool = False, appendfsync: str | None = None) -> None:
         self.port = free_port()
         self.password = password
         self.dir = tempfile.mkdtemp(prefix="tb-redis-")
+        self.appendfsync = appendfsync
         self.ca_file = self._make_certificate() if tls else None
-        listen = ["--port", str(self.port)]
+        self.listen = ["--port", str(self.port)]
         if self.ca_file is not None:
-            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            self.listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
             for option, name in (("cert", "cert.pem"), ("key", "key.pem"), ("ca-cert", "cert.pem")):
-                listen += [f"--tls-{option}-file", str(Path(self.dir) / name)]
+                self.listen += [f"--tls-{option}-file", str(Path(self.dir) / name)]
+        self.start()
+
+    def start(self) -> None:
+        aof = ["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendfsync else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             [
                 find_redis_server(),
                 "-",
-                *listen,
+                *self.listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *aof,
                 "--dir",
                 self.dir,
                 "--databases",
@@ -68,9 +73,17 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f'requirepass "{password}"\n'.encode() if password else b"")
+        self.proc.stdin.write(f'requirepass "{self.password}"\n'.encode() if self.password else b"")
         self.proc.stdin.close()
-        wait_for(lambda: _redis_ping(self.port, password, self.ca_file), 10, "redis-server")
+        wait_for(lambda: _redis_ping(self.port, self.password, self.ca_file), 10, "redis-server")
+
+    def restart(self, sig: int = signal.SIGTERM, down_s: float = 2.0) -> None:
+        """Stop the server with `sig`, stay down `down_s`, start it again on the same port and data dir (the
+        append-only file is replayed)."""
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+        time.sleep(down_s)
+        self.start()
 
     def _make_certificate(self) -> str:
         cert = Path(self.dir) / "cert.pem"

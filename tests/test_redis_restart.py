@@ -1,0 +1,96 @@
+"""Redis restarted under a running SDK loop (append-only file on, as compose and the local stack run it): the loop
+finishes with the numbers of a run that never saw it, and the registry's records survive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tinker
+from safetensors.numpy import load_file
+from tinker import types
+
+from tests.stackutil import TINY_MODEL, RedisServer, Stack
+
+os.environ["TINKER_TELEMETRY"] = "0"
+STEPS = 10
+ADAM = types.AdamParams(learning_rate=2e-2)
+
+
+def make_datum(seed: int, length: int = 12) -> tinker.Datum:
+    tokens = np.random.default_rng(seed).integers(1, 300, size=length + 1)
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens[:-1].tolist()),
+        loss_fn_inputs={"target_tokens": tokens[1:].tolist(), "weights": [1.0] * length},
+    )
+
+
+@pytest.fixture(scope="module")
+def aof_stack(models_dir, tmp_path_factory):
+    redis_server = RedisServer(appendfsync="everysec")
+    stack = Stack(redis_server, 0, models_dir, tmp_path_factory.mktemp("redis-restart"))
+    try:
+        stack.start_worker("w0")
+        stack.start_api()
+        yield stack
+    finally:
+        stack.stop()
+        redis_server.stop()
+
+
+def train(service: tinker.ServiceClient, restarts: dict[int, int], redis_server: RedisServer) -> tuple[list, str]:
+    """STEPS forward_backward + optim_step; at step s in `restarts`, Redis is stopped with that signal and started
+    again while the step's requests are in flight. Returns the losses and the final state's path."""
+    batch = [make_datum(s) for s in range(4)]
+    client = service.create_lora_training_client(TINY_MODEL, rank=8, seed=0).result(timeout=120)
+    losses = []
+    for step in range(STEPS):
+        restart = None
+        if step in restarts:
+            restart = threading.Thread(target=redis_server.restart, args=(restarts[step],))
+            restart.start()
+        fwdbwd = client.forward_backward(batch, "cross_entropy")
+        optim = client.optim_step(ADAM)
+        losses.append(fwdbwd.result(timeout=180).metrics["loss:sum"])
+        optim.result(timeout=180)
+        if restart is not None:
+            restart.join()
+    return losses, client.save_state("end").result(timeout=180).path
+
+
+def adapter_weights(stack: Stack, path: str) -> dict[str, np.ndarray]:
+    model_id, kind, name = path.removeprefix("tinker://").split("/")
+    return load_file(str(Path(stack.data_dir) / "checkpoints" / model_id / kind / name / "adapter_model.safetensors"))
+
+
+def test_sdk_loop_across_redis_restarts_equals_a_run_that_never_saw_one(aof_stack):
+    registry = aof_stack.registry()
+    api_key = registry.create_key("restart")
+    service = tinker.ServiceClient(base_url=aof_stack.url, api_key=api_key)
+    reference_losses, reference_path = train(service, {}, aof_stack.redis)
+
+    losses, path = train(service, {3: signal.SIGTERM, 7: signal.SIGKILL}, aof_stack.redis)
+
+    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
+    reference, restarted = adapter_weights(aof_stack, reference_path), adapter_weights(aof_stack, path)
+    assert reference.keys() == restarted.keys() and reference
+    for key in reference:
+        np.testing.assert_allclose(restarted[key], reference[key], atol=2e-5, err_msg=key)
+
+    # What the registry held before the restarts is still there, and the worker still owns (and consumes) both.
+    model_id = path.removeprefix("tinker://").split("/")[0]
+    session_id = model_id.split(":")[0]
+    owner = registry.lookup_key(api_key)["key_id"]
+    assert registry.session(session_id, owner)["owner"] == owner
+    assert registry.model(model_id, owner)["applied_seq"] > 0
+    assert {model_id, reference_path.removeprefix("tinker://").split("/")[0]} <= set(registry.worker_adapters("w0"))
+    assert [c["checkpoint_id"] for c in registry.checkpoints(model_id)] == ["weights/end"]
+    rest = service.create_rest_client()
+    assert [c.checkpoint_id for c in rest.list_checkpoints(model_id).result(timeout=60).checkpoints] == ["weights/end"]
+    # The API and the worker reconnected by themselves: one more step through both.
+    client = service.create_training_client_from_state(path).result(timeout=120)
+    assert client.forward_backward([make_datum(0)], "cross_entropy").result(timeout=120).metrics["loss:sum"] > 0
