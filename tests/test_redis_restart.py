@@ -14,7 +14,7 @@ import tinker
 from safetensors.numpy import load_file
 from tinker import types
 
-from tests.stackutil import TINY_MODEL, RedisServer, Stack
+from tests.stackutil import TINY_MODEL, RedisServer, Stack, wait_for
 
 os.environ["TINKER_TELEMETRY"] = "0"
 STEPS = 10
@@ -89,8 +89,10 @@ def test_sdk_loop_across_redis_restarts_equals_a_run_that_never_saw_one(aof_stac
     assert registry.model(model_id, owner)["applied_seq"] > 0
     assert {model_id, reference_path.removeprefix("tinker://").split("/")[0]} <= set(registry.worker_adapters("w0"))
     assert [c["checkpoint_id"] for c in registry.checkpoints(model_id)] == ["weights/end"]
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=aof_stack.url, api_key=api_key)
     assert [c.checkpoint_id for c in rest.list_checkpoints(model_id).result(timeout=60).checkpoints] == ["weights/end"]
-    # The API and the worker reconnected by themselves: one more step through both.
+    # The API and the worker reconnected by themselves: the worker's heartbeat is back (its liveness key, 3 s TTL,
+    # expired while Redis was down), and one more step goes through both.
+    wait_for(lambda: any(w["name"] == "w0" for w in registry.live_workers()), 30, "w0's heartbeat after the restarts")
     client = service.create_training_client_from_state(path).result(timeout=120)
     assert client.forward_backward([make_datum(0)], "cross_entropy").result(timeout=120).metrics["loss:sum"] > 0
