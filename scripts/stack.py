@@ -525,6 +525,8 @@ def ensure_redis(stack: Stack, stop_requested: Callable[[], bool] = lambda: Fals
             str(redis_dir),
             "--appendonly",
             "yes",
+            "--appendfsync",
+            "everysec",
             "--save",
             "",
         ],
