@@ -12,7 +12,7 @@ import time
 from flask import Flask, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from core.errors import NotFound, QuotaExceeded, UserError
+from core.errors import Gone, NotFound, QuotaExceeded, UserError
 from core.registry import Registry
 from core.settings import Settings
 
@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @app.errorhandler(UserError)
     def user_error(exc: UserError):
-        return jsonify(error=str(exc), category="user"), 404 if isinstance(exc, NotFound) else 400
+        status = 404 if isinstance(exc, NotFound) else 410 if isinstance(exc, Gone) else 400
+        return jsonify(error=str(exc), category="user"), status
 
     @app.errorhandler(QuotaExceeded)
     def quota_exceeded(exc: QuotaExceeded):

@@ -171,6 +171,7 @@ def snapshot(app: Flask, cheap: bool = False) -> dict[str, Any]:
             else pending_futures(registry, app.config["SERVICE"].results)
         ),
         "stats": registry.stats(),
+        "adapters_parked": registry.parked_count(),
     }
 
 
@@ -234,6 +235,11 @@ class RedisCollector(Collector):
             memory.add_metric(labels, float(worker.get("memory_bytes") or 0))
         yield adapters
         yield memory
+        yield GaugeMetricFamily(
+            "tinkerbell_adapters_parked",
+            "Adapters no worker holds (idle session, finished session or dead worker): saved, memory freed.",
+            value=snap["adapters_parked"],
+        )
 
         stats = {"tokens_trained": 0.0, "tokens_sampled": 0.0, **snap["stats"]}
         help_text = {
@@ -284,7 +290,8 @@ def metrics() -> Response:
 
 
 def status_document(app: Flask) -> dict[str, Any]:
-    """What anyone may see without a key: workers, devices, adapter counts, queue depths, recent requests.
+    """What anyone may see without a key: workers, devices, adapter counts (live on workers, and parked), queue depths,
+    recent requests.
 
     Adapter queues are summed per worker and model ids are left out: they are other keys' business.
     """
@@ -321,6 +328,7 @@ def status_document(app: Flask) -> dict[str, Any]:
         "totals": {
             "workers_alive": len(workers),
             "adapters": sum(w["adapters"] for w in workers),
+            "adapters_parked": snap["adapters_parked"],
             "futures_pending": snap["futures_pending"],
             "requests": requests_answered(app),
             "tokens_trained": int(stats.get("tokens_trained", 0)),

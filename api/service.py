@@ -26,7 +26,7 @@ from api.custom_losses import custom_loss_name, resolve_custom_loss
 from api.futures import PENDING, wait_result
 from api.loss_graphs import resolve_graph
 from api.validate import MAX_SAMPLES, MAX_TOPK, adam_spec, lora_spec, sampling_spec
-from core.errors import NotFound, QuotaExceeded, UserError, unpublished_loss
+from core.errors import Gone, NotFound, QuotaExceeded, UserError, unpublished_loss
 from core.loss_graph import is_graph_loss_id
 from core.registry import OUTBOX_GRACE_S, Outgoing, Registry, checkpoint_bytes_error
 from core.settings import Settings
@@ -128,7 +128,8 @@ class Service:
         """Record the future of a task that needs no ordering (create an adapter, sample), then publish it."""
         own = (task, kwargs, json.dumps(summary))
         message = encode_message(*own)
-        limited = kind != "create_model"  # creates are bounded by the adapters limit
+        # Creates are bounded by the adapters limit; restoring and parking are the service's own, never refused.
+        limited = kind not in ("create_model", "restore_adapter", "park_adapter")
         outgoing = self._within_queue_limit(
             owner, lambda: self.registry.push(queue, message, request_id, owner, kind, model_id, limited=limited)
         )
@@ -169,6 +170,8 @@ class Service:
                 f"{self.settings.seq_gap_timeout_s:g} s for it and ran without it"
             )
         self._send(ready, {request_id: own})
+        if ready.parked:
+            self.place_parked(model_id)
         self._sweep_now_and_then()
         return answer_id
 
@@ -199,12 +202,57 @@ class Service:
             if stored >= limit:
                 raise checkpoint_bytes_error(self.settings, stored)
 
+    def place_parked(self, model_id: str) -> str | None:
+        """A parked adapter (its session idled, or its worker died) goes to the training worker with the fewest
+        adapters, which restores it from its autosave and then consumes its queue, where its requests wait. Returns
+        that worker, or None when it was not parked (or no training worker is alive: the next poll tries again)."""
+        record = self.registry.model_any(model_id)
+        if not record or record.get("deleted") or record.get("status") != "parked":
+            return None
+        worker = self.registry.pick_worker(record["base_model"])
+        if worker is None:
+            log.warning("%s is parked and no training worker is alive to restore it", model_id)
+            return None
+        epoch = self.registry.place(model_id, worker)
+        if not epoch:
+            return None  # another API thread placed it first
+        self.publish(
+            record["owner"],
+            "restore_adapter",
+            model_id,
+            "tinkerbell.restore_adapter",
+            {"model_id": model_id, "epoch": epoch},
+            worker_queue(worker),
+            str(uuid.uuid4()),
+            {"model_id": model_id, "epoch": epoch},
+        )
+        log.info("placed parked %s on %s (epoch %d)", model_id, worker, epoch)
+        return worker
+
+    def finish_session(self, owner: str, session_id: str, status: str) -> None:
+        """ServiceClient.close: the session takes no new requests, and its adapters are parked now (each once the
+        requests already admitted for it have run: the sweep parks what is still busy)."""
+        for model_id in self.registry.finish_session(session_id, owner, status):
+            placement = self.registry.placement(model_id)
+            if placement is None or placement.deleted or not placement.worker:
+                continue
+            self.publish(
+                owner,
+                "park_adapter",
+                model_id,
+                "tinkerbell.park_adapter",
+                {"model_id": model_id},
+                worker_queue(placement.worker),
+                str(uuid.uuid4()),
+                {"model_id": model_id},
+            )
+
     def skip_seq(self, owner: str, model_id: str, seq_id: int) -> None:
         """Use up the seq_id of a request api/ refused (HTTP 4xx), so the model's later requests are not held behind it.
 
         The Tinker SDK numbers requests on the client without gaps; one it could not submit still reserved its id.
         """
-        with contextlib.suppress(NotFound):
+        with contextlib.suppress(NotFound, Gone):
             refused = f"refused-{uuid.uuid4()}"
             _, ready = self.registry.submit(model_id, seq_id, refused, "", adapter_queue(model_id), owner)
             self._send(ready)
@@ -226,6 +274,8 @@ class Service:
     def poll(self, future: dict[str, Any], request_id: str, timeout_s: float) -> Any:
         """Long-poll one future (api.futures.wait_result). A pending ordered request may be stalled behind a gap, and
         a pending one may have been admitted by an API process that died before publishing it (the sweep)."""
+        if future.get("model_id") and self.registry.placement_status(future["model_id"]) == "parked":
+            self.place_parked(future["model_id"])  # its holder died, or it was parked before a request placed it
         outcome = wait_result(self.results, request_id, timeout_s)
         if outcome is PENDING:
             if future.get("model_id"):
@@ -269,7 +319,7 @@ class Service:
         if session_id is None:
             session_id = self.registry.create_session(owner, tags=["native"])
         else:
-            self.registry.session(session_id, owner)
+            self.registry.live_session(session_id, owner)
         if model_seq_id is None:
             model_seq_id = int(self.registry.redis.hincrby(f"tb:session:{session_id}:counters", "model_seq_id", 1)) - 1
         model_id = f"{session_id}:train:{model_seq_id}"

@@ -127,7 +127,9 @@ def create_session():
 
 @bp.post("/session_heartbeat")
 def session_heartbeat():
-    registry().touch_session(required(body(), "session_id"), g.owner)
+    session_id = required(body(), "session_id")
+    registry().live_session(session_id, g.owner)  # a finished session answers 410: the SDK stops its heartbeat
+    registry().touch_session(session_id, g.owner)
     return jsonify(type="session_heartbeat")
 
 
@@ -136,7 +138,7 @@ def finish_session(session_id: str):
     payload = request.get_json(silent=True) or {}
     reason = payload.get("reason") if isinstance(payload, dict) else None
     status = reason.get("type", "success") if isinstance(reason, dict) else "success"
-    registry().touch_session(session_id, g.owner, status=f"finished:{status}")
+    service().finish_session(g.owner, session_id, status if isinstance(status, str) else "success")
     return jsonify(session_id=session_id, status="finished")
 
 
@@ -321,7 +323,7 @@ def create_sampling_session():
     session_id = required(payload, "session_id")
     seq = _int(payload, "sampling_session_seq_id")
     model_path = validate.optional_string(payload.get("model_path"), "model_path")
-    registry().session(session_id, g.owner)
+    registry().live_session(session_id, g.owner)
     sampler_id = f"{session_id}:sample:{seq}"
     base_model, adapter_dir = service().sampler_target(g.owner, payload.get("base_model"), model_path)
     if registry().redis.exists(f"{P}sampler:{sampler_id}"):

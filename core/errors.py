@@ -38,3 +38,7 @@ def unpublished_loss(loss_fn: str, builtins: Iterable[str]) -> UserError | None:
         f"define it), so this service cannot compute it; the losses that exist: {', '.join(sorted(builtins))}, or a "
         "custom loss of your own (CUSTOM_LOSS_GUIDE.md)"
     )
+
+
+class Gone(UserError):
+    """The object existed but was finished (a closed session): HTTP 410, which the SDK does not retry."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from core.errors import NotFound, QuotaExceeded
+from core.errors import Gone, NotFound, QuotaExceeded
 from core.settings import Settings
 
 P = "tb:"  # every registry key starts with this
@@ -127,23 +127,27 @@ end
 # ARGV: 1 seq_id, 2 request id, 3 message, 4 queue, 5 now, 6 the owner the model must have (JSON; '' = no check),
 #       7 the future's kind (JSON; '' = record no future), 8 model_id (JSON), 9 future ttl seconds,
 #       10 pending-futures cap, 11 the owner's queued-requests limit (0: none).
-# Returns {request id to answer with, status, then request id and message of each request now ready, in seq_id
-# order (the message is '' for this call's own request: the caller has it)}; status 1: admitted, 0: a seq_id seen
-# before (it answers with its first id), -1: the model is not the owner's (or was removed), 2: a seq_id below the
-# next expected that was never admitted: a gap the model stopped waiting for (_RELEASE_GAP_LUA), answered
-# 'expired-<request id>', 3: the owner's queued-requests limit is reached (then the count follows; nothing recorded).
+# Returns {request id to answer with, status, parked, then request id and message of each request now ready, in
+# seq_id order (the message is '' for this call's own request: the caller has it)}; status 1: admitted, 0: a seq_id
+# seen before (it answers with its first id), -1: the model is not the owner's (or was removed), -2: its session
+# was finished, 2: a seq_id below the next expected that was never admitted: a gap the model stopped waiting for
+# (_RELEASE_GAP_LUA), answered 'expired-<request id>', 3: the owner's queued-requests limit is reached (then the
+# count follows instead of parked; nothing recorded). parked: 1 when no worker holds the model (place it).
 _SUBMIT_LUA = (
     _FUTURE_LUA
     + _RELEASE_RUN_LUA
     + """
+local model = redis.call('HMGET', KEYS[10], 'owner', 'deleted', 'finished', 'status')
 if ARGV[6] ~= '' then
-  local model = redis.call('HMGET', KEYS[10], 'owner', 'deleted')
   if model[1] ~= ARGV[6] or model[2] == 'true' then return {'', -1} end
+  if model[3] == 'true' then return {'', -2} end
 end
+local parked = 0
+if model[4] == '"parked"' then parked = 1 end
 local seq = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], seq)
-if existing then return {existing, 0} end
-if tonumber(seq) < tonumber(redis.call('GET', KEYS[4]) or '1') then return {'expired-' .. ARGV[2], 2} end
+if existing then return {existing, 0, parked} end
+if tonumber(seq) < tonumber(redis.call('GET', KEYS[4]) or '1') then return {'expired-' .. ARGV[2], 2, parked} end
 if ARGV[7] ~= '' then
   local top = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   local full = queue_full(KEYS[11], ARGV[11], top[2] ~= nil and tonumber(seq) < tonumber(top[2]))
@@ -156,7 +160,7 @@ if ARGV[7] ~= '' then
 end
 redis.call('HSET', KEYS[3], seq, ARGV[3])
 local first = tonumber(redis.call('GET', KEYS[4]) or '1')
-local out = {ARGV[2], 1}
+local out = {ARGV[2], 1, parked}
 local nxt = release_run(KEYS[1], KEYS[3], KEYS[8], KEYS[9], ARGV[4], ARGV[5], first, ARGV[2], out)
 redis.call('SET', KEYS[4], nxt)
 if nxt > first then redis.call('DEL', KEYS[5]) else redis.call('HSETNX', KEYS[5], 't', ARGV[5]) end
@@ -306,6 +310,82 @@ return seq
 """
 
 
+# ---- placement (who holds an adapter), fenced by an epoch -----------------------------------------------------
+# A model's record holds `worker` (its owner, JSON; "" while parked) and `epoch` (a plain integer, raised each time it
+# is placed anew or taken from a dead worker). A worker writes for an adapter only while the record still names it
+# with the epoch it was given, so an old owner that comes back never overwrites the new one's state.
+PARKED = P + "models:parked"  # set of model ids held by no worker: restored from their autosave on next placement
+_NOT_RUN_LUA = "string.sub(rid, 1, 8) == 'refused-' or string.sub(rid, 1, 8) == 'expired-'"
+
+# A worker parks its adapter: only while it holds it (worker and epoch match) and every admitted request of it has
+# run (seq_ids above applied_seq are only refused/expired ones), so no admitted request is left behind; a request
+# admitted later sees the model parked and places it again. KEYS: 1 model record, 2 the worker's adapters set,
+# 3 parked set, 4 admitted zset, 5 ids hash. ARGV: 1 worker (JSON), 2 epoch, 3 applied_seq, 4 now, 5 model_id,
+# 6 why (JSON).
+# Returns 1 parked, 0 requests still to run, -1 not this worker's (any more).
+_PARK_LUA = f"""
+local m = redis.call('HMGET', KEYS[1], 'worker', 'epoch', 'deleted', 'applied_seq')
+if m[1] ~= ARGV[1] or tonumber(m[2] or '0') ~= tonumber(ARGV[2]) or m[3] == 'true' then return -1 end
+for _, seq in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. ARGV[3], '+inf')) do
+  local rid = redis.call('HGET', KEYS[5], seq)
+  if rid and not ({_NOT_RUN_LUA}) then return 0 end
+end
+local applied = math.max(tonumber(ARGV[3]), tonumber(m[4] or '0') or 0)
+redis.call('HSET', KEYS[1], 'worker', '""', 'status', '"parked"', 'parked_at', ARGV[4], 'applied_seq', applied,
+  'parked_reason', ARGV[6])
+redis.call('SREM', KEYS[2], ARGV[5])
+redis.call('SADD', KEYS[3], ARGV[5])
+return 1
+"""
+
+# Place a parked model on a worker: epoch + 1, status restoring. KEYS: 1 model record, 2 parked set, 3 the worker's
+# adapters set. ARGV: 1 worker (JSON), 2 model_id, 3 now. Returns the new epoch, or 0 when it was not parked (another
+# caller placed it first, or it was removed).
+_PLACE_LUA = """
+local m = redis.call('HMGET', KEYS[1], 'status', 'deleted')
+if m[1] ~= '"parked"' or m[2] == 'true' then return 0 end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'status', '"restoring"', 'placed_at', ARGV[3])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+return epoch
+"""
+
+# Take a model from a dead worker: epoch + 1 (fencing the old owner out), parked, noting whom it was taken from
+# (its unacked messages are then put back by the new owner). KEYS: 1 model record, 2 the dead worker's adapters set,
+# 3 parked set. ARGV: 1 dead worker (JSON), 2 model_id, 3 now. Returns 1 taken, 0 not that worker's.
+_TAKE_OVER_LUA = """
+redis.call('SREM', KEYS[2], ARGV[2])
+local m = redis.call('HMGET', KEYS[1], 'worker', 'deleted')
+if m[1] ~= ARGV[1] or m[2] == 'true' then return 0 end
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'worker', '""', 'status', '"parked"', 'parked_at', ARGV[3], 'taken_from', ARGV[1],
+  'parked_reason', '"worker died"')
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+# Set a model's fields only while the record names this worker with this epoch. KEYS: 1 model record.
+# ARGV: 1 worker (JSON), 2 epoch, then field, JSON value, ... Returns 1 written, 0 fenced out.
+_FENCED_SET_LUA = """
+local m = redis.call('HMGET', KEYS[1], 'worker', 'epoch')
+if m[1] ~= ARGV[1] or tonumber(m[2] or '0') ~= tonumber(ARGV[2]) then return 0 end
+if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Who holds a model now: worker ("" while parked), epoch, status (creating/ready/parked/restoring/removed)."""
+
+    worker: str
+    epoch: int
+    status: str
+    finished: bool = False
+    deleted: bool = False
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """A request to publish: its id (the Celery task id), its queue, and the message api/ made for it."""
@@ -313,6 +393,13 @@ class Outgoing:
     request_id: str
     queue: str
     message: str
+
+
+class Ready(list):
+    """The requests a submit made ready (Outgoing, in seq_id order); `parked`: no worker holds the model now, so the
+    caller places it (they wait on its queue until the new owner consumes it)."""
+
+    parked: bool = False
 
 
 def _check_owned(record: dict[str, Any] | None, kind: str, key: str, owner: str, what: str) -> dict[str, Any]:
@@ -421,6 +508,29 @@ class Registry:
         self.session(session_id, owner)
         self._put(f"session:{session_id}", {"heartbeat": time.time(), **fields})
 
+    def live_session(self, session_id: str, owner: str) -> dict[str, Any]:
+        """The owner's session; Gone once it was finished (ServiceClient.close)."""
+        session = self.session(session_id, owner)
+        if str(session.get("status", "")).startswith("finished"):
+            raise Gone(
+                f"session_id: session {session_id} was finished ({session['status'].split(':', 1)[-1]}); it takes no "
+                "new requests: start a new ServiceClient"
+            )
+        return session
+
+    def finish_session(self, session_id: str, owner: str, status: str) -> list[str]:
+        """End a session (the first finish reason stands): its models take no new requests. Returns its model ids."""
+        session = self.session(session_id, owner)
+        if not str(session.get("status", "")).startswith("finished"):
+            self._put(f"session:{session_id}", {"status": f"finished:{status}", "finished_at": time.time()})
+        model_ids = self.session_children(session_id, "models")
+        if model_ids:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for model_id in model_ids:
+                    pipe.hset(P + f"model:{model_id}", "finished", "true")
+                pipe.execute()
+        return model_ids
+
     def list_sessions(self, owner: str, offset: int = 0, limit: int = 100) -> tuple[list[str], int]:
         key = P + f"owner:{owner}:sessions"
         return list(self.redis.zrevrange(key, offset, offset + limit - 1)), int(self.redis.zcard(key))
@@ -465,6 +575,7 @@ class Registry:
                 "last_request_time": now,
                 "user_metadata": user_metadata or {},
                 "status": "creating",
+                "epoch": 1,
             },
         )
         self.redis.zadd(P + f"owner:{owner}:models", {model_id: now})
@@ -489,6 +600,7 @@ class Registry:
             return
         self._put(f"model:{model_id}", {"deleted": True, "status": "removed"})
         self.redis.srem(P + f"worker:{record['worker']}:adapters", model_id)
+        self.redis.srem(PARKED, model_id)
         self.redis.zrem(P + f"owner:{record['owner']}:models", model_id)  # listings show live runs only
 
     def list_models(self, owner: str, offset: int = 0, limit: int = 100) -> tuple[list[str], int]:
@@ -529,6 +641,101 @@ class Registry:
             return None
         return min(serving, key=lambda w: (len(w["adapters"]), w["name"]))["name"]
 
+    # ---- placement: parking, placing, taking over from dead workers, fenced writes ----------
+    def placement(self, model_id: str) -> Placement | None:
+        worker, epoch, status, finished, deleted = self.redis.hmget(
+            P + f"model:{model_id}", ["worker", "epoch", "status", "finished", "deleted"]
+        )
+        if worker is None:
+            return None
+        return Placement(
+            json.loads(worker),
+            int(epoch or 0),
+            json.loads(status) if status else "",
+            finished == "true",
+            deleted == "true",
+        )
+
+    def placement_status(self, model_id: str) -> str:
+        """The model's status alone, in one round trip ("parked": no worker holds it)."""
+        raw = self.redis.hget(P + f"model:{model_id}", "status")
+        return json.loads(raw) if raw else ""
+
+    def park(self, model_id: str, worker: str, epoch: int, applied_seq: int, reason: str = "") -> int:
+        """The worker gives up an adapter it holds with nothing admitted left to run (_PARK_LUA): 1 parked, 0 requests
+        still to run, -1 not this worker's (any more)."""
+        base = P + f"seq:{model_id}"
+        keys = [P + f"model:{model_id}", P + f"worker:{worker}:adapters", PARKED, base + ":admitted", base + ":ids"]
+        args = [_dumps(worker), epoch, applied_seq, time.time(), model_id, _dumps(reason)]
+        return int(self._script("_park_lua", _PARK_LUA)(keys=keys, args=args))
+
+    def place(self, model_id: str, worker: str) -> int:
+        """Give a parked model to a worker: the epoch it holds it with, or 0 when it was not parked."""
+        keys = [P + f"model:{model_id}", PARKED, P + f"worker:{worker}:adapters"]
+        return int(self._script("_place_lua", _PLACE_LUA)(keys=keys, args=[_dumps(worker), model_id, time.time()]))
+
+    def take_over(self, model_id: str, dead_worker: str) -> bool:
+        """Take a model from a dead worker (epoch + 1, parked): True if it was that worker's."""
+        keys = [P + f"model:{model_id}", P + f"worker:{dead_worker}:adapters", PARKED]
+        args = [_dumps(dead_worker), model_id, time.time()]
+        return bool(self._script("_take_over_lua", _TAKE_OVER_LUA)(keys=keys, args=args))
+
+    def dead_workers(self, dead_s: float) -> list[str]:
+        """Workers that hold adapters and whose heartbeat is missed longer than dead_s."""
+        names = sorted(self.redis.smembers(P + "workers"))
+        if not names:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(P + f"worker:{name}:alive")
+                pipe.hget(P + f"worker:{name}", "heartbeat")
+                pipe.scard(P + f"worker:{name}:adapters")
+            flat = pipe.execute()
+        cutoff = time.time() - dead_s
+        dead = []
+        for name, alive, beat, adapters in zip(names, flat[::3], flat[1::3], flat[2::3]):
+            if not alive and adapters and float(json.loads(beat) if beat else 0) < cutoff:
+                dead.append(name)
+        return dead
+
+    def idle_models(self, model_ids: list[str], idle_s: float) -> dict[str, str]:
+        """Of these models (ready ones only), those whose session was finished, or has had no heartbeat and the model
+        no request for idle_s seconds (a model without a session record is never idle): model_id -> "session
+        finished" or "session idle"."""
+        if not model_ids:
+            return {}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for model_id in model_ids:
+                pipe.hmget(P + f"model:{model_id}", ["session_id", "last_request_time", "status"])
+            models = pipe.execute()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for session_id, _, _ in models:
+                pipe.hmget(P + f"session:{json.loads(session_id) if session_id else ''}", ["heartbeat", "status"])
+            sessions = pipe.execute()
+        cutoff = time.time() - idle_s
+        idle = {}
+        for model_id, (_, last_request, model_status), (heartbeat, status) in zip(model_ids, models, sessions):
+            if heartbeat is None or model_status != '"ready"':  # being created or restored: not idle yet
+                continue
+            if str(json.loads(status) if status else "").startswith("finished"):
+                idle[model_id] = "session finished"
+            elif max(float(json.loads(heartbeat)), float(json.loads(last_request or "0"))) < cutoff:
+                idle[model_id] = "session idle"
+        return idle
+
+    def parked_count(self) -> int:
+        """Adapters no worker holds now (their state is in their autosave)."""
+        return int(self.redis.scard(PARKED))
+
+    def update_owned(self, model_id: str, worker: str, epoch: int, **fields: Any) -> bool:
+        """Write a model's fields only while `worker` holds it with `epoch` (an old owner is fenced out)."""
+        return bool(self._fenced_set(model_id, worker, epoch, fields))
+
+    def _fenced_set(self, model_id: str, worker: str, epoch: int, fields: dict[str, Any], client: Any = None) -> Any:
+        flat = [item for k, v in fields.items() for item in (k, _dumps(v))]
+        script = self._script("_fenced_set_lua", _FENCED_SET_LUA)
+        return script(keys=[P + f"model:{model_id}"], args=[_dumps(worker), epoch, *flat], client=client)
+
     # ---- futures --------------------------------------------------------------------------
     def future(self, request_id: str, owner: str) -> dict[str, Any]:
         return self._owned("future", request_id, owner, "request_id")
@@ -548,12 +755,13 @@ class Registry:
         queue: str,
         owner: str | None,
         kind: str | None = None,
-    ) -> tuple[str, list[Outgoing]]:
+    ) -> tuple[str, Ready]:
         """Admit request `seq_id` of a model; returns the request id to answer with and the requests now ready.
 
         The answer is `request_id`, or the first one's if this seq_id was seen before (a re-send applies once).
         A seq_id ahead of the next expected waits here until the gap fills. The ready requests (this one and any
-        it released, in seq_id order) are in the outbox: publish each, then `mark_published`.
+        it released, in seq_id order) are in the outbox: publish each, then `mark_published`; when `ready.parked`,
+        place the model too. Gone when the model's session was finished.
         message: what api/ publishes for the request, or "" for a seq_id that runs nothing.
         owner: NotFound unless the model is this owner's (None: no check, for the service's own bookkeeping).
         kind: record the newly admitted request's future, of this kind, for the owner; QuotaExceeded (429) when the
@@ -587,13 +795,20 @@ class Registry:
             self.settings.max_queued_requests_per_key if owner is not None else 0,
         ]
         keys.append(queued_key(owner if owner is not None else LOCAL_OWNER))
-        answer_id, status, *ready = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
+        answer_id, status, *rest = self._script("_submit", _SUBMIT_LUA)(keys=keys, args=args)
         if status == -1:
             raise NotFound(f"model_id: no such model '{model_id}'")
+        if status == -2:
+            raise Gone(
+                f"model_id: the session of {model_id} was finished (ServiceClient.close); it takes no new requests. "
+                "Start a new ServiceClient, and create_training_client_from_state to go on from a checkpoint"
+            )
         if status == 3:
-            raise queue_full_error(self.settings, int(ready[0]))
-        pairs = zip(ready[::2], ready[1::2])
-        return answer_id, [Outgoing(rid, queue, raw or message) for rid, raw in pairs]
+            raise queue_full_error(self.settings, int(rest[0]))
+        parked, ready = rest[0], rest[1:]
+        out = Ready(Outgoing(rid, queue, raw or message) for rid, raw in zip(ready[::2], ready[1::2]))
+        out.parked = bool(parked)
+        return answer_id, out
 
     def push(
         self,
@@ -847,11 +1062,21 @@ class Registry:
         return model, bool(catalog), bool(builtin), custom
 
     # ---- counters for /metrics and the status page ----------------------------------------
-    def apply_updates(self, models: dict[str, dict[str, Any]], stats: dict[str, float]) -> None:
-        """Several model field updates and stat increments in one round trip."""
+    def apply_updates(
+        self,
+        models: dict[str, dict[str, Any]],
+        stats: dict[str, float],
+        worker: str | None = None,
+        epochs: dict[str, int] | None = None,
+    ) -> None:
+        """Several model field updates and stat increments in one round trip. With worker: each model's fields are
+        written only while that worker holds it with its epoch in `epochs` (fenced); one it does not hold is skipped."""
         with self.redis.pipeline(transaction=False) as pipe:
             for model_id, fields in models.items():
-                pipe.hset(P + f"model:{model_id}", mapping={k: _dumps(v) for k, v in fields.items()})
+                if worker is None:
+                    pipe.hset(P + f"model:{model_id}", mapping={k: _dumps(v) for k, v in fields.items()})
+                elif model_id in (epochs or {}):
+                    self._fenced_set(model_id, worker, (epochs or {})[model_id], fields, client=pipe)
             for name, amount in stats.items():
                 pipe.hincrbyfloat(P + "stats", name, amount)
             pipe.execute()

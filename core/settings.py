@@ -232,6 +232,29 @@ class Settings:
             "help": "Worker heartbeat period; a worker is dead after 3 missed beats.",
         },
     )
+    session_idle_s: float = field(
+        default=1800.0,
+        metadata={
+            "env": "TINKERBELL_SESSION_IDLE_S",
+            "help": "A session with no heartbeat and no request this long is parked: its adapters' state is saved "
+            "and their memory freed; the next request for one restores it on a training worker.",
+        },
+    )
+    worker_dead_s: float = field(
+        default=60.0,
+        metadata={
+            "env": "TINKERBELL_WORKER_DEAD_S",
+            "help": "A worker whose heartbeat is missed this long is dead for good: its adapters move to live training "
+            "workers, restored from their last autosave. Longer than 3 x TINKERBELL_HEARTBEAT_S.",
+        },
+    )
+    sweep_s: float = field(
+        default=10.0,
+        metadata={
+            "env": "TINKERBELL_SWEEP_S",
+            "help": "How often each worker looks for idle sessions to park and dead workers to take adapters from.",
+        },
+    )
     flower_port: int = field(
         default=5555, metadata={"env": "TINKERBELL_FLOWER_PORT", "help": "Flower dashboard port (local stack)."}
     )

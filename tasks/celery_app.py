@@ -13,7 +13,7 @@ from celery.backends.redis import RedisBackend
 
 from core.settings import Settings, redis_ssl_options
 
-TASK_MODULES = ["tasks.training", "tasks.sampling"]
+TASK_MODULES = ["tasks.training", "tasks.sampling", "tasks.placement"]
 
 
 def config(settings: Settings) -> dict[str, Any]:

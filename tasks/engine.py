@@ -261,6 +261,11 @@ class Engine:
             del lane.pending[work.seq_id]
             lane.last = max(lane.last or 0, work.seq_id)
 
+    def held(self, model_id: str) -> int:
+        """Requests of the adapter held here now (engine thread)."""
+        lane = self._lanes.get(model_id)
+        return 0 if lane is None else len(lane.pending) + len(lane.unordered)
+
     def forget(self, model_id: str) -> None:
         """The adapter left this worker (removed, or moved): drop its lane once nothing of it is held."""
         lane = self._lanes.get(model_id)

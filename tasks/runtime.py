@@ -48,6 +48,7 @@ class Runtime:
         ] = {}  # model_id -> seq_id of the first forward_backward since optim_step (mirrors the registry)
         self.lost_gradients: dict[str, int] = {}  # model_id -> the same, for gradients a previous run held when it died
         self.lost_reason: dict[str, str] = {}  # model_id -> why, when not that (a request past its time limit)
+        self.epochs: dict[str, int] = {}  # model_id -> the placement epoch this worker holds it with (core.registry)
         self._model_updates: dict[str, dict[str, Any]] = {}
         self._stats: dict[str, float] = {}
 
@@ -136,9 +137,30 @@ class Runtime:
                 return
             self._model_updates, self._stats = {}, {}
         try:
-            self.registry.apply_updates(models, stats)
+            self.registry.apply_updates(models, stats, worker=self.name, epochs=dict(self.epochs))
         except Exception:
             log.exception("could not record %s / %s in the registry", models, stats)
+
+    def hold(self, model_id: str, epoch: int) -> None:
+        """This worker holds the adapter now, with this placement epoch; what it knew of an earlier hold is dropped
+        (applied_seq and pending gradients are read from the registry again)."""
+        self.forget_adapter(model_id)
+        self.epochs[model_id] = epoch
+
+    def forget_adapter(self, model_id: str) -> None:
+        for known in (self.epochs, self.applied_seq, self.gradients_since, self.lost_gradients, self.lost_reason):
+            known.pop(model_id, None)
+
+    def holds(self, model_id: str) -> bool:
+        """The registry still names this worker, with the epoch it was given, as the adapter's holder (a model
+        being created here, before its epoch is known, counts as held)."""
+        placement = self.registry.placement(model_id)
+        if placement is None or placement.deleted:
+            return True  # unknown or removed: the request fails on its own terms
+        if placement.worker != self.name:
+            return False
+        mine = self.epochs.get(model_id)
+        return mine == placement.epoch or (mine is None and placement.status == "creating")
 
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -154,6 +176,7 @@ class Runtime:
             backend_status = self._training.status()
             info["memory_bytes"] = backend_status.get("memory_bytes", 0)
             info["loaded_models"] = backend_status.get("base_models", [])
+            info["loaded_adapters"] = len(backend_status.get("adapters", []))
         else:
             backend_status = self._sampling.status() if self._sampling is not None else {}
         if "model_bytes" in backend_status:  # the HF backends: one model cache for training and sampling

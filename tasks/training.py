@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import Reject
+
 from backends.base import AdamSpec, Datum, FwdBwdRequest, LoraSpec
 from core.errors import NotFound, QuotaExceeded, UserError
 from core.wire import decode_datum, encode_array
@@ -79,6 +81,7 @@ def _ordered(
         runtime.after_result(model_id, **fields)
         return value
 
+    hand_back_unless_held(model_id)
     work = Work(kind, payload, model_id, seq_id, tokens, check, done, undo=undo, **time_limit(limit))
     value = runtime.engine.run(work)
     autosaver.wait(model_id)  # on this pool thread: the engine goes on with other requests meanwhile
@@ -124,11 +127,41 @@ def _back_to_autosave(model_id: str) -> str:
     return "the adapter is back at its state from before this request"
 
 
+def hand_back_unless_held(model_id: str) -> None:
+    """A request for an adapter this worker no longer holds (parked, or moved while this worker was away) goes back
+    to the queue for its holder: this worker drops its copy, stops consuming the queue and runs nothing."""
+    if runtime.holds(model_id):
+        return
+    if model_id in runtime.epochs or runtime.training.has_adapter(model_id):
+        log.warning("%s is no longer held by %s: dropping this worker's copy", model_id, runtime.name)
+        release_here(model_id)
+    else:
+        runtime.release_adapter(model_id)
+    raise Reject(f"{model_id} is not held by {runtime.name}", requeue=True)
+
+
+def release_here(model_id: str) -> None:
+    """Free the adapter's memory on this worker and stop consuming its queue (pool thread)."""
+
+    def drop() -> None:
+        if runtime.training.has_adapter(model_id):
+            runtime.training.remove_adapter(model_id)
+        runtime.engine.base_of.pop(model_id, None)
+        runtime.forget_adapter(model_id)
+
+    runtime.engine.run(Work(CALL, drop, model_id))
+    runtime.engine.forget(model_id)
+    runtime.release_adapter(model_id)
+
+
 AUTOSAVE_INFO = "tinkerbell-autosave.json"
 LOST_WITH_WORKER = "were lost when a worker stopped (the adapter came back from its state after the last optim_step)"
 
 
-def _write_autosave(model_id: str, seq_id: int | None) -> None:
+def write_autosave(model_id: str, seq_id: int | None) -> None:
+    if not runtime.holds(model_id):  # fenced: an old holder never overwrites the new one's autosave
+        log.warning("not writing the autosave of %s: %s no longer holds it", model_id, runtime.name)
+        return
     target = autosave_dir(model_id)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,7 +196,7 @@ class Autosaver:
 
     def _run(self, model_id: str, seq_id: int | None) -> None:
         try:
-            _write_autosave(model_id, seq_id)
+            write_autosave(model_id, seq_id)
         except Exception as exc:  # noqa: BLE001 - a thread must not die silently; wait() reports it on the task thread
             self._errors[model_id] = exc
 
@@ -183,27 +216,48 @@ class Autosaver:
 autosaver = Autosaver()
 
 
-def restore_adapter(model_id: str, record: dict[str, Any]) -> None:
-    """Re-create an adapter this worker owned before it restarted, from its latest autosave if any (engine thread)."""
+def restore_adapter(model_id: str, record: dict[str, Any], restore_unacked: list[str] | None = None) -> None:
+    """Re-create an adapter from its latest autosave (weights and optimizer state) if any: one this worker held
+    before it restarted, or one placed here after it was parked or taken from a dead worker. record: the model's
+    registry record, read after it was placed here (its epoch is the one this worker holds it with).
+    restore_unacked: queues whose unacked messages (a dead holder's) go back to the front before consuming."""
+    runtime.hold(model_id, int(record.get("epoch") or 0))
 
     def restore() -> None:
+        if runtime.training.has_adapter(model_id):  # a stale copy from an earlier hold
+            runtime.training.remove_adapter(model_id)
         runtime.training.create_adapter(model_id, record["base_model"], LoraSpec(**record["lora"]))
         runtime.engine.base_of[model_id] = record["base_model"]
-        if record.get("gradients_since") is not None:  # forward_backward results answered, not yet applied: gone
-            runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(record["gradients_since"])
-            log.warning(
-                "%s: gradients accumulated since seq_id %s were lost with the previous run; its next optim_step fails",
-                model_id,
-                record["gradients_since"],
-            )
-        saved = autosave_dir(model_id)
+        saved, saved_seq = autosave_dir(model_id), 0
         if saved.exists():
             runtime.training.load_state(model_id, str(saved), True)
-            log.info("restored %s from %s", model_id, saved)
+            info = json.loads((saved / AUTOSAVE_INFO).read_text()) if (saved / AUTOSAVE_INFO).exists() else {}
+            saved_seq = int(info.get("seq_id") or 0)
+            log.info("restored %s from %s (state after seq_id %d)", model_id, saved, saved_seq)
         else:
             log.warning("restored %s with fresh weights: no autosave found", model_id)
+        # The autosave may hold a request whose result was never stored (its holder died in between): it counts as
+        # applied, so a redelivery is refused ("already applied") rather than applied twice.
+        runtime.applied_seq[model_id] = max(int(record.get("applied_seq") or 0), saved_seq)
+        lost = record.get("gradients_since")
+        if lost is not None and int(lost) > saved_seq:  # forward_backward results answered, never stepped on: gone
+            runtime.gradients_since[model_id] = runtime.lost_gradients[model_id] = int(lost)
+            log.warning(
+                "%s: gradients accumulated since seq_id %s were lost with the previous holder; its next optim_step "
+                "fails",
+                model_id,
+                lost,
+            )
 
     runtime.engine.run(Work(CALL, restore, model_id))
+    if restore_unacked:
+        from tasks.broker import restore_own_unacked
+
+        with runtime.celery.connection_for_write() as connection:
+            restored = restore_own_unacked(connection, set(restore_unacked))
+        if restored:
+            log.warning("%s: put back %d request(s) its dead holder had taken: %s", model_id, len(restored), restored)
+    runtime.serve_base_model(record["base_model"])
     runtime.own_adapter(model_id)
 
 
@@ -213,6 +267,11 @@ def create_adapter(
 ) -> dict[str, Any]:
     """Create (or, with load_path, restore from a checkpoint dir) an adapter here and start consuming its queue."""
     runtime.check_served(base_model)
+
+    placement = runtime.registry.placement(model_id)
+    if placement is not None and placement.worker != runtime.name:  # moved on while this message waited
+        return {"model_id": model_id}
+    runtime.epochs.setdefault(model_id, placement.epoch if placement else 0)
 
     def create() -> None:
         if not runtime.training.has_adapter(model_id):
@@ -235,7 +294,9 @@ def create_adapter(
     autosaver.wait(model_id)
     runtime.serve_base_model(base_model)
     runtime.own_adapter(model_id)
-    runtime.registry.update_model(model_id, status="ready")
+    runtime.registry.update_owned(
+        model_id, runtime.name, runtime.epochs[model_id], status="ready", last_request_time=time.time()
+    )
     return {"model_id": model_id}
 
 
@@ -296,7 +357,10 @@ def forward_backward(
         if not forward_only and model_id not in runtime.gradients_since:
             # The first forward_backward since optim_step: the registry learns that gradients are pending before its
             # result can be seen (once per step), so a restarted worker knows what it lost.
-            runtime.registry.update_model(model_id, gradients_since=seq_id or 0)
+            if not runtime.registry.update_owned(
+                model_id, runtime.name, runtime.epochs.get(model_id, 0), gradients_since=seq_id or 0
+            ):
+                raise RuntimeError(f"{model_id} moved off {runtime.name} while this request ran; send it again")
             runtime.gradients_since[model_id] = seq_id or 0
         return {
             "loss_fn_output_type": "ArrayRecord",

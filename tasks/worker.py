@@ -60,6 +60,18 @@ def _heartbeat_loop(stop: threading.Event) -> None:
         stop.wait(period)
 
 
+def _sweep_loop(stop: threading.Event) -> None:
+    """Every TINKERBELL_SWEEP_S: park idle sessions' adapters, take adapters from dead workers (tasks/placement.py)."""
+    from tasks.placement import sweep
+    from tasks.runtime import runtime
+
+    while not stop.wait(runtime.settings.sweep_s):
+        try:
+            sweep()
+        except Exception:  # Redis briefly away: sweep again next time
+            log.exception("sweep failed")
+
+
 def _delete_expired_checkpoints() -> None:
     """Checkpoints past their ttl_seconds: files first, then the record (every worker sweeps; each is claimed once)."""
     from tasks.runtime import runtime
@@ -84,6 +96,7 @@ def _on_ready(sender: Any, **_: Any) -> None:
     runtime.registry.publish_builtin_losses([entry for entry in list_losses() if entry.get("builtin")])
     stop = threading.Event()
     threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True).start()
+    threading.Thread(target=_sweep_loop, args=(stop,), name="sweep", daemon=True).start()
     settings = runtime.settings
     from backends.models import is_known_model
 
@@ -111,7 +124,7 @@ def _on_ready(sender: Any, **_: Any) -> None:
         runtime.serve_base_model(base_model)
     for model_id in owned:
         record = runtime.registry.model_any(model_id)
-        if record and not record.get("deleted"):
+        if record and not record.get("deleted") and record.get("worker") == runtime.name:
             try:
                 restore_adapter(model_id, record)
             except Exception:
