@@ -20,7 +20,8 @@ def restore_own_unacked(connection: Any, queues: set[str]) -> list[str]:
     in flight when a worker was killed would wait that long. Only the owner consumes a worker's or an adapter's
     queue, so when the worker starts again, before it consumes anything, every unacked message of those queues is
     its own from before. kombu's restore puts each back at the end BRPOP takes next, marked redelivered (Celery
-    then skips it if its result was stored). Returns the task ids restored.
+    then skips it if its result was stored). The same holds for the next holder of a dead worker's adapter, which
+    calls this for that adapter's queue before it consumes it. Returns the task ids restored.
     """
     channel = connection.default_channel
     restored = []
