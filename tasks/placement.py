@@ -7,12 +7,13 @@ the park and restore tasks, and the sweep each worker runs every TINKERBELL_SWEE
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 from tasks.celery_app import adapter_queue, app
-from tasks.engine import CALL, Work
+from tasks.engine import CALL, NOT_RUN, Work
 from tasks.runtime import runtime
 from tasks.training import autosave_dir, autosaver, restore_adapter, write_autosave
 
@@ -64,11 +65,43 @@ def restore_placed_adapter(model_id: str, epoch: int) -> dict[str, Any]:
     if not record or record.get("deleted") or record.get("worker") != runtime.name or record.get("epoch") != epoch:
         return {"model_id": model_id, "restored": False}  # placed again since (this message is stale)
     restore = [adapter_queue(model_id)] if record.get("taken_from") else []
-    restore_adapter(model_id, record, restore_unacked=restore)
+    restore_adapter(model_id, record, restore_unacked=restore, before_consuming=_fail_lost_requests)
     runtime.registry.update_owned(
         model_id, runtime.name, epoch, status="ready", taken_from=None, last_request_time=time.time()
     )
     return {"model_id": model_id, "restored": True}
+
+
+def _fail_lost_requests(model_id: str, record: dict[str, Any]) -> None:
+    """A dead holder may have taken a message off the queue and died before kombu recorded it as unacked (Redis
+    BRPOP, then the record): that request is nowhere now. Each admitted request after applied_seq with no stored
+    result that is in neither the outbox nor the queue fails with an error saying so (the engine then does not wait
+    for it). Runs before this worker consumes the queue, after the dead holder's unacked messages were put back."""
+    if not record.get("taken_from"):
+        return
+    from core.errors import UserError
+    from core.registry import OUTBOX
+
+    admitted = runtime.registry.admitted_between(model_id, runtime._registry_applied_seq(model_id), 2**31)
+    real = {seq: rid for seq, rid in admitted.items() if not rid.startswith(NOT_RUN)}
+    if not real:
+        return
+    backend = runtime.celery.backend
+    stored = [bool(backend.client.exists(backend.get_key_for_task(rid))) for rid in real.values()]
+    pending = runtime.registry.redis.hkeys(f"tb:seq:{model_id}:pending")  # held behind a gap: not released yet
+    with runtime.celery.connection_for_write() as connection, connection.default_channel.conn_or_acquire() as client:
+        queued = {json.loads(raw).get("headers", {}).get("id") for raw in client.lrange(adapter_queue(model_id), 0, -1)}
+    for (seq, rid), done in zip(real.items(), stored):
+        if done or str(seq) in pending or runtime.registry.redis.hexists(OUTBOX, rid) or rid in queued:
+            continue
+        log.warning("%s: seq_id %d (%s) was lost with worker %s", model_id, seq, rid, record["taken_from"])
+        backend.mark_as_failure(
+            rid,
+            UserError(
+                f"seq_id {seq} of {model_id} was lost when worker {record['taken_from']} died before running it; "
+                "nothing of it was applied: send it again"
+            ),
+        )
 
 
 def sweep() -> None:

@@ -216,7 +216,12 @@ class Autosaver:
 autosaver = Autosaver()
 
 
-def restore_adapter(model_id: str, record: dict[str, Any], restore_unacked: list[str] | None = None) -> None:
+def restore_adapter(
+    model_id: str,
+    record: dict[str, Any],
+    restore_unacked: list[str] | None = None,
+    before_consuming: Callable[[str, dict[str, Any]], None] | None = None,
+) -> None:
     """Re-create an adapter from its latest autosave (weights and optimizer state) if any: one this worker held
     before it restarted, or one placed here after it was parked or taken from a dead worker. record: the model's
     registry record, read after it was placed here (its epoch is the one this worker holds it with).
@@ -257,6 +262,8 @@ def restore_adapter(model_id: str, record: dict[str, Any], restore_unacked: list
             restored = restore_own_unacked(connection, set(restore_unacked))
         if restored:
             log.warning("%s: put back %d request(s) its dead holder had taken: %s", model_id, len(restored), restored)
+    if before_consuming is not None:
+        before_consuming(model_id, record)
     runtime.serve_base_model(record["base_model"])
     runtime.own_adapter(model_id)
 
