@@ -114,9 +114,9 @@ def test_busy_api_port_is_refused_before_anything_starts(tmp_path: Path) -> None
             )
 
 
-def bare_stack(redis_port: int, data_dir: Path) -> Any:
+def bare_stack(redis_port: int, data_dir: Path, **environ: str) -> Any:
     env = stack_script.child_environment(
-        {"TINKERBELL_DATA_DIR": str(data_dir)}, port=None, redis_port=redis_port, flower_port=None
+        {"TINKERBELL_DATA_DIR": str(data_dir), **environ}, port=None, redis_port=redis_port, flower_port=None
     )
     settings = stack_script.Settings.from_env(env)
     return stack_script.Stack(
@@ -149,21 +149,7 @@ def test_redis_is_started_when_none_answers_and_stopped_with_the_stack(tmp_path:
 def test_redis_started_here_requires_the_password_the_settings_name(tmp_path: Path) -> None:
     import redis
 
-    env = stack_script.child_environment(
-        {"TINKERBELL_DATA_DIR": str(tmp_path), "TINKERBELL_REDIS_PASSWORD": 'pw with "quotes"'},
-        port=None,
-        redis_port=free_port(),
-        flower_port=None,
-    )
-    settings = stack_script.Settings.from_env(env)
-    stack = stack_script.Stack(
-        env=env,
-        settings=settings,
-        workers=[],
-        redis_url=settings.broker_url,
-        mux=stack_script.LogMux(None, None),
-        log_path=None,
-    )
+    stack = bare_stack(free_port(), tmp_path, TINKERBELL_REDIS_PASSWORD='pw with "quotes"')
     try:
         stack_script.ensure_redis(stack)
         assert stack.started_redis and stack_script.redis_answers(stack.redis_url)
