@@ -35,7 +35,10 @@ def service() -> Service:
 @bp.get("/api/v1/healthz")
 @public
 def healthz():
-    workers = current_app.config["REGISTRY"].live_workers()
+    registry = current_app.config["REGISTRY"]
+    if not registry.reachable():
+        return jsonify(status="redis unavailable", workers=[]), 503
+    workers = registry.live_workers()
     return jsonify(
         status="ok",
         workers=[{"name": w["name"], "device": w.get("device"), "adapters": len(w["adapters"])} for w in workers],

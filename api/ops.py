@@ -193,6 +193,8 @@ class RedisCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("tinkerbell_redis_up", "1 when the API could read Redis for this scrape.")
         try:
+            if not self.app.config["REGISTRY"].reachable():
+                raise redis.ConnectionError("Redis does not answer a PING")
             snap = snapshot(self.app)
         except redis.RedisError:
             log.warning("metrics scrape could not read Redis", exc_info=True)

@@ -431,6 +431,25 @@ class Registry:
         self.redis = client or redis.Redis.from_url(
             self.settings.registry_url, decode_responses=True, max_connections=256, **riding_out_restarts(self.settings)
         )
+        self._probe: redis.Redis | None = None
+
+    def reachable(self, timeout_s: float = 1.0) -> bool:
+        """One PING that does not wait out an outage (this registry's own client retries for
+        TINKERBELL_REDIS_OUTAGE_S): /healthz and /metrics ask it first, so they answer at once while Redis is down."""
+        if self._probe is None:
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._probe = redis.Redis.from_url(
+                self.settings.registry_url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+        try:
+            return bool(self._probe.ping())
+        except redis.RedisError:
+            return False
 
     # ---- generic hash records -------------------------------------------------------------
     def _put(self, key: str, record: dict[str, Any]) -> None:

@@ -96,3 +96,22 @@ def test_sdk_loop_across_redis_restarts_equals_a_run_that_never_saw_one(aof_stac
     wait_for(lambda: any(w["name"] == "w0" for w in registry.live_workers()), 30, "w0's heartbeat after the restarts")
     client = service.create_training_client_from_state(path).result(timeout=120)
     assert client.forward_backward([make_datum(0)], "cross_entropy").result(timeout=120).metrics["loss:sum"] > 0
+
+
+def test_healthz_and_metrics_say_redis_is_down_at_once_and_recover(aof_stack):
+    """While Redis is away, /healthz answers 503 and /metrics tinkerbell_redis_up 0 (instead of waiting out
+    TINKERBELL_REDIS_OUTAGE_S on the registry's retrying client); both recover when it is back."""
+    import requests
+
+    server = aof_stack.redis
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    try:
+        down = requests.get(aof_stack.url + "/healthz", timeout=15)
+        assert down.status_code == 503 and down.json()["status"] == "redis unavailable"
+        scrape = requests.get(aof_stack.url + "/metrics", timeout=15).text
+        assert "tinkerbell_redis_up 0.0" in scrape
+    finally:
+        server.start()
+    wait_for(lambda: requests.get(aof_stack.url + "/healthz", timeout=15).status_code == 200, 30, "/healthz after")
+    assert "tinkerbell_redis_up 1.0" in requests.get(aof_stack.url + "/metrics", timeout=15).text
