@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +77,12 @@ class Outcome:
     model_id: str | None = None
     latencies_s: list[float] = field(default_factory=list)
     error: str | None = None
+    holders: list[str] = field(default_factory=list)  # the workers holding its adapter at the end, before close
 
 
-def train_through_sdk(url: str, p: Plan, steps: int, start: threading.Barrier) -> Outcome:
+def train_through_sdk(
+    url: str, p: Plan, steps: int, start: threading.Barrier, holders: Callable[[str], list[str]]
+) -> Outcome:
     """One user: its own ServiceClient (its own session) trains its adapter `steps` SFT steps, optim_step pipelined
     behind forward_backward as SDK users write it, then saves the state as CHECKPOINT."""
     import tinker
@@ -106,6 +111,7 @@ def train_through_sdk(url: str, p: Plan, steps: int, start: threading.Barrier) -
             step.result(timeout=600)
             outcome.latencies_s.append(time.perf_counter() - t1)
         training.save_state(CHECKPOINT).result(timeout=600)
+        outcome.holders = holders(training.model_id)  # close parks the session's adapters, so look before it
     except Exception as exc:  # noqa: BLE001 - a load test reports every client's failure, not the first one only
         outcome.error = f"{type(exc).__name__}: {exc}"
         start.abort()
@@ -118,8 +124,13 @@ def run_clients(stack: Stack, clients: int, steps: int) -> tuple[list[Outcome], 
     """`clients` SDK clients at once; returns their outcomes and the seconds from the common start to the last
     result (adapter creation, before the start, is not timed)."""
     start = threading.Barrier(clients + 1)
+    registry = stack.registry()
+
+    def holders(model_id: str) -> list[str]:
+        return [w["name"] for w in registry.live_workers() if model_id in w["adapters"]]
+
     with ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(train_through_sdk, stack.url, plan(i), steps, start) for i in range(clients)]
+        futures = [pool.submit(train_through_sdk, stack.url, plan(i), steps, start, holders) for i in range(clients)]
         try:
             start.wait(timeout=600)
         except threading.BrokenBarrierError:
@@ -225,7 +236,7 @@ def main() -> None:
             else float("nan")
             for i, o in enumerate(outcomes)
         ]
-        spread = {w["name"]: len(w["adapters"]) for w in stack.registry().live_workers()}
+        spread = dict(Counter(name for o in outcomes for name in o.holders))
     finally:
         stack.stop()
         redis.stop()

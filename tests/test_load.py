@@ -16,8 +16,7 @@ def test_six_concurrent_sdk_clients_on_two_workers_each_end_equal_to_training_al
     outcomes, _ = run_clients(stack, CLIENTS, STEPS)
     assert [o.error for o in outcomes] == [None] * CLIENTS
     assert all(len(o.latencies_s) == 2 * STEPS for o in outcomes)
-    registry = stack.registry()
-    owners = {o.model_id: [w for w in ("w0", "w1") if o.model_id in registry.worker_adapters(w)] for o in outcomes}
+    owners = {o.model_id: o.holders for o in outcomes}  # read while each session was open (close parks them)
     assert all(len(names) == 1 for names in owners.values()), owners  # one owner each (DESIGN rule 2)
     assert {names[0] for names in owners.values()} == {"w0", "w1"}, owners
     for i, outcome in enumerate(outcomes):
