@@ -128,6 +128,8 @@ def check_upload(name: Any, inputs: Any, graph: Any, max_nodes: int) -> dict[str
         args, kwargs = node.get("args", []), node.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise UserError(f"{where}: args must be a list and kwargs an object")
+        if op in ("call_function", "call_method") and placeholders < len(checked_inputs):
+            raise UserError(f"{where}: an operation before every declared input has its placeholder")
         if op == "placeholder":
             if placeholders >= len(checked_inputs) or i != placeholders:
                 raise UserError(
@@ -141,8 +143,6 @@ def check_upload(name: Any, inputs: Any, graph: Any, max_nodes: int) -> dict[str
                 raise UserError(f"{where}: a placeholder takes no arguments (defaults are not supported)")
             placeholders += 1
         elif op == "call_function":
-            if placeholders < len(checked_inputs):
-                raise UserError(f"{where}: an operation before every declared input has its placeholder")
             if target not in FUNCTIONS:
                 raise UserError(
                     f"{where}: calls {target!r:.80}, which is not among the operations this server runs (torch, "
@@ -151,8 +151,6 @@ def check_upload(name: Any, inputs: Any, graph: Any, max_nodes: int) -> dict[str
             if target == "getattr":
                 _check_getattr(where, args, kwargs)
         elif op == "call_method":
-            if placeholders < len(checked_inputs):
-                raise UserError(f"{where}: an operation before every declared input has its placeholder")
             if target not in METHODS:
                 raise UserError(
                     f"{where}: calls method {target!r:.80}, which is not among the tensor methods this server runs "
