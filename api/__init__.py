@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from flask import Flask, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -65,6 +66,17 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return jsonify(error=exc.description, category="user"), exc.code
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def redis_unavailable(exc: Exception):
+        """Redis away (restarting) past the registry client's retries: 503, which the SDK retries, not a 500."""
+        log.warning("redis unavailable on %s: %s", request.path, exc)
+        response = jsonify(error=f"redis unavailable, try again: {exc}", category="server")
+        response.status_code = 503
+        response.headers["Retry-After"] = "1"
+        response.headers["x-should-retry"] = "true"
+        return response
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception):

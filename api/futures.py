@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery import states
 
 from core.errors import UserError
@@ -58,7 +59,15 @@ def _subscribe(pubsub: Any, channel: bytes, timeout_s: float) -> None:
 def wait_result(backend: Any, request_id: str, timeout_s: float) -> Any:
     """Block until the task finishes or timeout_s passes. Returns (state, result) or PENDING.
 
-    backend: Celery's Redis result backend (tasks.celery_app.result_backend)."""
+    backend: Celery's Redis result backend (tasks.celery_app.result_backend). A subscriber connection that Redis
+    closed (it restarted since this thread's last poll) is replaced once; a second failure is Redis still away."""
+    try:
+        return _wait_result(backend, request_id, timeout_s)
+    except (redis.ConnectionError, redis.TimeoutError):
+        return _wait_result(backend, request_id, timeout_s)
+
+
+def _wait_result(backend: Any, request_id: str, timeout_s: float) -> Any:
     if timeout_s <= 0:
         meta = backend.get_task_meta(request_id)
         return (meta["status"], meta["result"]) if meta["status"] in states.READY_STATES else PENDING

@@ -39,6 +39,8 @@ EXPIRED = "expired-"  # request id recorded for a seq_id the model stopped waiti
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 BUILTIN_TTL_S = 10.0
+LOST_AFTER_S = 10.0  # an adapter's next request published this long ago, on no queue and taken by no worker: lost
+LOST_SCAN = 4  # how many of an adapter's next requests recover_lost looks at
 SWEEP_EVERY_S = 5.0  # how often one API process looks for admitted requests an API process died before publishing
 
 
@@ -52,6 +54,17 @@ def decode_message(message: str) -> tuple[str, dict[str, Any], str]:
     """(task name, kwargs, kwargsrepr) of an encode_message."""
     task, kwargs, kwargsrepr = msgpack.unpackb(base64.b64decode(message), raw=False)
     return task, kwargs, kwargsrepr
+
+
+def _task_id(raw: Any, index: int | None = None) -> str | None:
+    """The Celery task id in one of kombu's Redis records: a queued message, or (index 0) an unacked record."""
+    try:
+        message = json.loads(raw)
+        if index is not None:
+            message = message[index]
+        return (message.get("headers") or {}).get("id")
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return None
 
 
 def sequence_ids(request_id: str, num_samples: int) -> list[str]:
@@ -71,6 +84,7 @@ class Service:
         self._builtin_losses: set[str] = set()
         self._builtin_read_at = float("-inf")
         self._swept_at = float("-inf")
+        self._lost_checked: dict[str, float] = {}
 
     # ---- publishing -----------------------------------------------------------------------
     def _send(self, outgoing: list[Outgoing], own: dict[str, tuple[str, dict[str, Any], str]] | None = None) -> None:
@@ -79,16 +93,19 @@ class Service:
         own: the requests this call made, by request id, so their messages need not be decoded again. One that
         fails to publish stays in the registry's outbox and the sweep publishes it later.
         """
-        sent = []
+        sent: list[Outgoing] = []
         try:
             for item in outgoing:
                 task, kwargs, kwargsrepr = (own or {}).get(item.request_id) or decode_message(item.message)
                 self.celery.send_task(
                     task, kwargs=kwargs, task_id=item.request_id, queue=item.queue, argsrepr="()", kwargsrepr=kwargsrepr
                 )
-                sent.append(item.request_id)
+                sent.append(item)
         finally:
-            self.registry.mark_published(sent)
+            ordered = adapter_queue("")
+            self.registry.mark_published(
+                [item.request_id for item in sent], keep=[item for item in sent if item.queue.startswith(ordered)]
+            )
 
     def sweep(self, older_than_s: float = OUTBOX_GRACE_S) -> int:
         """Publish again what was admitted but is still not marked published older_than_s later: an API process
@@ -280,8 +297,50 @@ class Service:
         if outcome is PENDING:
             if future.get("model_id"):
                 self.release_stalled(future["model_id"])
+                try:
+                    self.recover_lost(future["model_id"])
+                except Exception:  # the poll that happened to trigger it is not its concern
+                    log.exception("looking for lost requests of %s failed", future["model_id"])
             self._sweep_now_and_then()
         return outcome
+
+    def recover_lost(self, model_id: str) -> list[str]:
+        """Publish again the adapter's next requests (up to LOST_SCAN after its applied_seq) that were published more
+        than LOST_AFTER_S ago, have no result, and are neither on its queue nor taken by a worker (kombu's unacked
+        record). Redis hands a message to a worker's BRPOP before the worker records it as unacked; a Redis restart
+        between the two loses it, and the adapter's later requests would wait for it for ever. A copy published twice
+        is applied once (DESIGN rule 3). Looks at each model at most every LOST_AFTER_S per API process. Returns the
+        request ids published again."""
+        now = time.monotonic()
+        if now - self._lost_checked.get(model_id, float("-inf")) < LOST_AFTER_S:
+            return []
+        if len(self._lost_checked) > 10_000:
+            self._lost_checked.clear()
+        self._lost_checked[model_id] = now
+        applied = int((self.registry.model_any(model_id) or {}).get("applied_seq", 0))
+        admitted = self.registry.admitted_between(model_id, applied, applied + LOST_SCAN + 1)
+        real = [rid for rid in admitted.values() if not rid.startswith(("refused-", EXPIRED))]
+        stale = time.time() - LOST_AFTER_S
+        kept = {rid: item for rid, (item, published) in self.registry.sent(real).items() if published < stale}
+        if not kept:
+            return []
+        queue = adapter_queue(model_id)
+        with self.celery.connection_for_write() as connection:
+            channel = connection.default_channel
+            with channel.conn_or_acquire() as client:
+                on_queue = {_task_id(raw) for raw in client.lrange(queue, 0, -1)}
+                taken = {_task_id(record, 0) for _tag, record in client.hscan_iter(channel.unacked_key)}
+        candidates = [rid for rid in kept if rid not in on_queue and rid not in taken]
+        lost = [kept[rid] for rid, done in zip(candidates, self._have_results(candidates)) if not done]
+        if lost:
+            log.warning(
+                "%s: publishing again %d request(s) on no queue and taken by no worker (lost in a Redis restart): %s",
+                model_id,
+                len(lost),
+                ", ".join(item.request_id for item in lost),
+            )
+            self._send(lost)
+        return [item.request_id for item in lost]
 
     # ---- sessions and models --------------------------------------------------------------
     def check_base_model(self, base_model: str | None, field: str = "base_model") -> str:

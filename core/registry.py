@@ -96,6 +96,12 @@ end
 OUTBOX = P + "outbox"  # hash request_id -> JSON [queue, message]
 OUTBOX_DUE = P + "outbox:due"  # zset request_id -> when it became ready (or was last claimed by a sweep)
 OUTBOX_GRACE_S = 10.0
+# A published adapter request's message is kept (a key per request, sent:<request_id> -> JSON [queue, message,
+# published at]) until its result is stored (finish_request), so one that Redis handed to a worker's BRPOP and the
+# worker never received (Redis restarted between the two, before kombu's unacked record) can be published again
+# (api.service.Service.recover_lost).
+SENT = P + "sent:"
+SENT_TTL_S = 7 * 86400  # as long as results are kept (result_expires)
 
 # Lua: move the run of held requests from seq_id nxt on (while each next one is held) from the pending hash into
 # the outbox, appending request id, message to out ('' as the message of own: its caller has it); returns the
@@ -211,6 +217,7 @@ return {1}
 # KEYS: 1 the future's hash, 2 pending-futures zset. ARGV: 1 request id, 2 the registry prefix.
 _FINISH_LUA = """
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', ARGV[2] .. 'sent:' .. ARGV[1])
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner then redis.call('ZREM', ARGV[2] .. 'owner:' .. cjson.decode(owner) .. ':queued', ARGV[1]) end
 return 1
@@ -903,13 +910,28 @@ class Registry:
             adapters, queued, stored = pipe.execute()
         return {"adapters": int(adapters), "queued_requests": int(queued), "checkpoint_bytes": int(stored or 0)}
 
-    def mark_published(self, request_ids: list[str]) -> None:
-        """These requests are on the broker: out of the outbox."""
+    def mark_published(self, request_ids: list[str], keep: list[Outgoing] = ()) -> None:
+        """These requests are on the broker: out of the outbox. keep: those whose message is kept until their result
+        is stored (adapter requests: `sent`), in the same round trip."""
         if request_ids:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hdel(OUTBOX, *request_ids)
                 pipe.zrem(OUTBOX_DUE, *request_ids)
+                now = time.time()
+                for item in keep:
+                    pipe.set(SENT + item.request_id, json.dumps([item.queue, item.message, now]), ex=SENT_TTL_S)
                 pipe.execute()
+
+    def sent(self, request_ids: list[str]) -> dict[str, tuple[Outgoing, float]]:
+        """The kept messages of published adapter requests with no stored result yet (mark_published keep), with
+        when each was last published."""
+        found = self.redis.mget([SENT + rid for rid in request_ids]) if request_ids else []
+        kept = {}
+        for rid, raw in zip(request_ids, found):
+            if raw is not None:
+                queue, message, published = json.loads(raw)
+                kept[rid] = (Outgoing(rid, queue, message), float(published))
+        return kept
 
     def claim_unpublished(self, older_than_s: float = OUTBOX_GRACE_S, limit: int = 100) -> list[Outgoing]:
         """Outbox entries ready longer than older_than_s and still not marked published, oldest first, claimed for
