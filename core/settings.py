@@ -292,6 +292,15 @@ class Settings:
             "may exceed it).",
         },
     )
+    engine_gather_s: float = field(
+        default=0.5,
+        metadata={
+            "env": "TINKERBELL_ENGINE_GATHER_S",
+            "help": "Most seconds a ready forward_backward waits for the next requests of the adapters that shared "
+            "the engine's last passes (never more than a quarter of the last pass's duration; an adapter alone never "
+            "waits; 0 turns it off).",
+        },
+    )
     engine_sample_rows: int = field(
         default=64,
         metadata={

@@ -68,6 +68,7 @@ class Work:
         )
 
 
+GATHER_FRACTION = 0.25  # a gather window is at most this fraction of the last pass's duration
 GIVE_UP_GRACE_S = 1.0  # a pool thread waits this much past a request's limit for the engine to answer it
 
 
@@ -98,11 +99,18 @@ class Engine:
         missing: Callable[[str, int, int], list[int]],
         token_budget: int = 8192,
         gap_timeout_s: float = 120.0,
+        gather_s: float = 0.5,
     ) -> None:
         self._training, self._sampling = training, sampling
         self._applied, self._missing = applied, missing
         self.token_budget = token_budget
         self.gap_timeout_s = gap_timeout_s
+        self.gather_s = gather_s
+        # The gather window (_gathering): the adapters of the last two forward_backward passes, and how long the
+        # last pass took; a ready request waits a moment for those adapters' next requests when they are missing.
+        self._recent: tuple[set[str], set[str]] = (set(), set())
+        self._last_pass_s = 0.0
+        self._wake_at: float | None = None
         self._inbox: deque[Work] = deque()
         self._cond = threading.Condition()
         self._lanes: dict[str, _Lane] = {}
@@ -116,6 +124,8 @@ class Engine:
             "passes": 0,
             "multi_adapter_passes": 0,
             "max_adapters_per_pass": 0,
+            "adapters_in_passes": 0,
+            "gather_waits": 0,
             "sample_batches": 0,
             "max_requests_per_sample_batch": 0,
             "optim_batches": 0,
@@ -200,10 +210,11 @@ class Engine:
             except BaseException:  # the engine must not die: a bug fails what this tick held, not the worker
                 log.exception("engine tick failed")
                 ran = True
-            if not ran:  # everything held waits on a missing seq_id: look again soon, or when a request arrives
+            if not ran:  # held behind a missing seq_id or in a gather window: look again soon, or on an arrival
+                wait = 0.2 if self._wake_at is None else min(0.2, max(self._wake_at - time.monotonic(), 0.0))
                 with self._cond:
                     if not self._inbox:
-                        self._cond.wait(0.2)
+                        self._cond.wait(wait)
 
     def _has_work(self) -> bool:
         return bool(
@@ -286,6 +297,10 @@ class Engine:
         start = next(self._turn) % max(len(heads), 1)
         heads = heads[start:] + heads[:start]  # who goes first (and so gets into a full pass) rotates
         fwd = [w for w in heads if w.kind == FWD_BWD]
+        if self._gathering(fwd):
+            fwd = []  # their partners' requests are on the way: this tick runs the rest, the pass comes next
+            if not (calls or samples or self._sampling_run or any(w.kind != FWD_BWD for w in heads)):
+                return False
         budget, taken = self.token_budget, []
         for work in fwd:  # at least one request per pass; others until the token budget is spent
             if taken and work.tokens > budget:
@@ -304,6 +319,32 @@ class Engine:
                 self._pop(work)
             self._call(work)
         self._sample(samples)
+        return True
+
+    def _gathering(self, fwd: list[Work]) -> bool:
+        """Whether the ready forward_backward heads wait a moment for adapters that shared the last passes with
+        them and have no request here yet (concurrent clients' requests arrive spread over some 100 ms; without
+        the wait the first one to arrive runs alone and the rest wait a whole pass for the next one).
+
+        The wait ends when those adapters' requests are all here, when the token budget is full, or at most
+        gather_s (and a quarter of the last pass's duration) after the first ready request arrived. An adapter
+        alone, or with no partner in the last two passes, never waits."""
+        self._wake_at = None
+        if not fwd or self.gather_s <= 0:
+            return False
+        ready = {w.model_id for w in fwd}
+        bases = {self.base_of.get(m or "", "") for m in ready}
+        partners = {m for m in self._recent[0] | self._recent[1] if self.base_of.get(m, "") in bases} - ready
+        partners = {
+            m for m in partners if (lane := self._lanes.get(m)) is not None and not (lane.pending or lane.unordered)
+        }
+        if not partners or sum(w.tokens for w in fwd) >= self.token_budget:
+            return False
+        deadline = min(w.arrived for w in fwd) + min(self.gather_s, GATHER_FRACTION * self._last_pass_s)
+        if time.monotonic() >= deadline:
+            return False
+        self._wake_at = deadline
+        self.stats["gather_waits"] += 1
         return True
 
     # ---- running a group -----------------------------------------------------------------------------------
@@ -364,12 +405,17 @@ class Engine:
         groups: dict[str, list[Work]] = {}
         for work in works:
             groups.setdefault(self.base_of.get(work.model_id or "", ""), []).append(work)
+        if works:
+            self._recent = (self._recent[1], {w.model_id for w in works if w.model_id is not None})
         for group in groups.values():
             backend = self._training()
+            started = time.monotonic()
             self._group_call(group, backend.forward_backward)
+            self._last_pass_s = time.monotonic() - started
             adapters = len({w.model_id for w in group})
             self.stats["passes"] += 1
             self.stats["multi_adapter_passes"] += adapters > 1
+            self.stats["adapters_in_passes"] += adapters  # / passes: the mean adapters per pass
             self.stats["max_adapters_per_pass"] = max(self.stats["max_adapters_per_pass"], adapters)
             self.last_pass = {
                 "adapters": adapters,

@@ -41,6 +41,7 @@ class Runtime:
             self._missing_seq_ids,
             token_budget=self.settings.engine_token_budget,
             gap_timeout_s=self.settings.seq_gap_timeout_s,
+            gather_s=self.settings.engine_gather_s,
         )
         self.applied_seq: dict[str, int] = {}  # model_id -> last seq_id applied here (mirrors the registry)
         self.gradients_since: dict[
