@@ -71,20 +71,25 @@ def first_pass_together(engine: Engine, ids: list[str]) -> None:
         work.future.result(60)
 
 
-def test_requests_arriving_apart_share_a_pass_when_their_adapters_shared_the_last_one(backend) -> None:
-    engine = engine_for(backend, gather_s=0.5)
-    ids = adapters(backend, 3)
-    backend.passes.clear()
-    first_pass_together(engine, ids)
-    assert backend.passes == [set(ids)]
+def second_round_apart(engine: Engine, ids: list[str]) -> None:
+    """Seq 2 of every adapter, 30 ms apart as concurrent clients' next requests come; then the engine stops."""
     works = []
-    for model_id in ids:  # the next requests come 30 ms apart, as concurrent clients' do
+    for model_id in ids:
         works.append(fwd(model_id, 2))
         engine.submit(works[-1])
         time.sleep(0.03)
     for work in works:
         work.future.result(60)
     engine.stop()
+
+
+def test_requests_arriving_apart_share_a_pass_when_their_adapters_shared_the_last_one(backend) -> None:
+    engine = engine_for(backend, gather_s=0.5)
+    ids = adapters(backend, 3)
+    backend.passes.clear()
+    first_pass_together(engine, ids)
+    assert backend.passes == [set(ids)]
+    second_round_apart(engine, ids)
     assert backend.passes == [set(ids), set(ids)], "the second round ran in more than one pass"
     assert engine.stats["gather_waits"] >= 1 and engine.stats["adapters_in_passes"] == 6
 
@@ -95,14 +100,7 @@ def test_without_the_window_the_first_arrival_runs_alone(backend) -> None:
     ids = adapters(backend, 3)
     backend.passes.clear()
     first_pass_together(engine, ids)
-    works = []
-    for model_id in ids:
-        works.append(fwd(model_id, 2))
-        engine.submit(works[-1])
-        time.sleep(0.03)
-    for work in works:
-        work.future.result(60)
-    engine.stop()
+    second_round_apart(engine, ids)
     assert backend.passes[1] == {ids[0]} and len(backend.passes) == 3
     assert engine.stats["gather_waits"] == 0
 
