@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.overhead import SMOL, start_stack
 from client import TinkerbellClient
-from tests.stackutil import Stack
+from tests.stackutil import Stack, engine_stats_after
 
 VOCAB = 49152
 RANK = 16
@@ -92,17 +92,6 @@ def plain_step(model, optimizer, name: str, batch: list) -> None:
     optimizer.zero_grad()
 
 
-def engine_stats(stack: Stack, since: float) -> dict:
-    """The worker engine's counters from a heartbeat sent after `since` (epoch seconds)."""
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        [worker] = stack.registry().live_workers()
-        if worker["heartbeat"] > since:
-            return worker["engine"]["stats"]
-        time.sleep(0.2)
-    raise TimeoutError("no worker heartbeat in 30 s")
-
-
 def training(stack: Stack, batches: list[list], steps: int, dtype: str) -> tuple[float, float]:
     """Tokens/s of SFT steps of len(batches) adapters: a plain PEFT loop round-robining them in this process, and
     one concurrent SDK client per adapter through the service; rounds alternate so the machine's drift hits both."""
@@ -132,14 +121,14 @@ def training(stack: Stack, batches: list[list], steps: int, dtype: str) -> tuple
             list(pool.map(service_step, range(len(batches))))
 
         plain_round(), service_round()  # warm-up
-        before = engine_stats(stack, time.time())
+        before = engine_stats_after(stack, time.time(), 30)
         times = {plain_round: 0.0, service_round: 0.0}
         for _ in range(steps):
             for run in times:
                 t0 = time.perf_counter()
                 run()
                 times[run] += time.perf_counter() - t0
-        after = engine_stats(stack, time.time())
+        after = engine_stats_after(stack, time.time(), 30)
     passes = after["passes"] - before["passes"]
     mean = (after["adapters_in_passes"] - before["adapters_in_passes"]) / max(passes, 1)
     print(f"  service side: {passes} forward_backward passes, {mean:.2f} adapters per pass on average", flush=True)

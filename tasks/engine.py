@@ -285,6 +285,7 @@ class Engine:
 
     def _tick(self) -> bool:
         """One round: every adapter's ready head, batched by kind; then sampling. False when nothing could run."""
+        self._wake_at = None  # set again by _gathering while a window is open
         heads = [w for model_id, lane in list(self._lanes.items()) if (w := self._head(model_id, lane)) is not None]
         calls = list(self._calls)
         self._calls.clear()
@@ -329,7 +330,6 @@ class Engine:
         The wait ends when those adapters' requests are all here, when the token budget is full, or at most
         gather_s (and a quarter of the last pass's duration) after the first ready request arrived. An adapter
         alone, or with no partner in the last two passes, never waits."""
-        self._wake_at = None
         if not fwd or self.gather_s <= 0:
             return False
         ready = {w.model_id for w in fwd}

@@ -148,6 +148,21 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} did not come up in {timeout}s")
 
 
+def engine_stats_after(stack: Stack, since: float, timeout: float = 10) -> dict:
+    """The (single) worker engine's counters from a heartbeat sent after `since` (epoch seconds)."""
+    seen: dict = {}
+
+    def fresh() -> bool:
+        [worker] = stack.registry().live_workers()
+        if worker["heartbeat"] <= since:
+            return False
+        seen.update(worker["engine"]["stats"])
+        return True
+
+    wait_for(fresh, timeout, "a worker heartbeat")
+    return seen
+
+
 @dataclass
 class Stack:
     """One Tinkerbell deployment on Redis db `db`: workers + API, each a real process."""

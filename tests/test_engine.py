@@ -18,7 +18,7 @@ from tinker import types
 from client import TinkerbellClient, UserInputError
 from core.registry import LOCAL_OWNER
 from core.wire import encode_array
-from tests.stackutil import TINY_MODEL, wait_for
+from tests.stackutil import TINY_MODEL, engine_stats_after, wait_for
 
 os.environ["TINKER_TELEMETRY"] = "0"
 KEY = "tml-engine-tests"
@@ -252,7 +252,7 @@ def test_sixty_four_concurrent_samples_share_generation_loops(engine_stack):
     prompts = [[1 + (j * 7) % 250, 2 + j % 11, 3] for j in range(64)]
     solo = [tb.sample(prompts[j], model_path=paths[j % 8], max_tokens=8, temperature=0.0).result(60) for j in range(64)]
     assert len({tuple(solo[j]["sequences"][0]["tokens"]) for j in range(8)}) > 1  # the adapters really differ
-    before = engine_stats_now(engine_stack, time.time())
+    before = engine_stats_after(engine_stack, time.time())
     with ThreadPoolExecutor(64) as pool:
         together = list(
             pool.map(
@@ -260,26 +260,11 @@ def test_sixty_four_concurrent_samples_share_generation_loops(engine_stack):
                 range(64),
             )
         )
-    after = engine_stats_now(engine_stack, time.time())
+    after = engine_stats_after(engine_stack, time.time())
     for j in range(64):
         assert together[j]["sequences"][0]["tokens"] == solo[j]["sequences"][0]["tokens"], j
     assert after["sample_batches"] - before["sample_batches"] < 64, (before, after)
     assert after["max_requests_per_sample_batch"] > 1
-
-
-def engine_stats_now(stack, since: float) -> dict:
-    """The engine's counters from a worker heartbeat sent after `since` (heartbeats come every second in tests)."""
-    seen: dict = {}
-
-    def fresh() -> bool:
-        [worker] = stack.registry().live_workers()
-        if worker["heartbeat"] <= since:
-            return False
-        seen.update(worker["engine"]["stats"])
-        return True
-
-    wait_for(fresh, 10, "a worker heartbeat")
-    return seen
 
 
 def test_training_runs_between_the_decode_steps_of_a_long_sample_batch(engine_stack):
